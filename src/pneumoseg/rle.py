@@ -127,55 +127,76 @@ def _fill_runs(tokens, n_tokens, relative, height, width, out):  # pragma: no co
 
 
 @numba.njit(cache=True, nogil=True)
-def _encode_runs(mask, r0, r1, c0, c1, relative, out):  # pragma: no cover - compiled
-    """Write (start, length) pairs of the column-major runs inside rows [r0, r1) × cols [c0, c1).
+def _vertical_edges(mask, words, starts, ends):  # pragma: no cover - compiled
+    """Find where vertical (column-major) runs start and end, scanning in row-major order.
 
-    Pixels outside that box are known to be zero, so a run can never cross from one column to
-    the next unless the box spans every row; that case is handled by ``span_all_rows``.
-    Returns the number of int64 values written to ``out``.
+    ``mask`` is H×W uint8 and ``words`` the same bytes viewed as H×(W/8) uint64. Row ``r`` is
+    compared with row ``r - 1`` one 8-byte word at a time, so the (contiguous, cache-friendly)
+    scan only looks at single pixels where a word differs, i.e. along the mask's top and bottom
+    edges. Reading the image column by column instead would touch a new cache line per pixel.
+    Returns the number of starts/ends written (unsorted flat column-major indices).
     """
     height = mask.shape[0]
-    n = 0
-    run_start = -1  # flat index where the current run began
-    prev_end = 0  # flat index just past the previous run (relative starts count from here)
-    for c in range(c0, c1):
-        base = c * height
-        for r in range(r0, r1):
-            v = mask[r, c] != 0
-            if v:
-                if run_start < 0:
-                    run_start = base + r
-            elif run_start >= 0:
-                end = base + r
-                if relative:
-                    out[n] = run_start - prev_end
-                else:
-                    out[n] = run_start + 1
-                out[n + 1] = end - run_start
-                n += 2
-                prev_end = end
-                run_start = -1
-        # A run stays open across the column boundary only if it touches the last row and the
-        # next column's first row is in the box (r0 == 0 and r1 == height).
-        if run_start >= 0 and not (r1 == height and r0 == 0):
-            end = base + r1
-            if relative:
-                out[n] = run_start - prev_end
-            else:
-                out[n] = run_start + 1
-            out[n + 1] = end - run_start
-            n += 2
-            prev_end = end
-            run_start = -1
-    if run_start >= 0:
-        end = (c1 - 1) * height + r1
-        if relative:
-            out[n] = run_start - prev_end
-        else:
-            out[n] = run_start + 1
-        out[n + 1] = end - run_start
-        n += 2
-    return n
+    n_words = words.shape[1]
+    zero = np.uint64(0)  # a plain 0 would unify uint64 with int64 to float64 and lose bits
+    n_s = 0
+    n_e = 0
+    for r in range(height + 1):
+        for w in range(n_words):
+            cur = words[r, w] if r < height else zero
+            prev = words[r - 1, w] if r > 0 else zero
+            if cur == prev:
+                continue
+            for c in range(w * 8, w * 8 + 8):
+                a = r < height and mask[r, c] != 0
+                b = r > 0 and mask[r - 1, c] != 0
+                if a and not b:
+                    starts[n_s] = c * height + r
+                    n_s += 1
+                elif b and not a:
+                    ends[n_e] = c * height + r
+                    n_e += 1
+    return n_s, n_e
+
+
+@numba.njit(cache=True, nogil=True)
+def _runs_to_ascii(starts, ends, relative, buf):  # pragma: no cover - compiled
+    """Sort the edges, merge runs that wrap from one column's bottom into the next column's top,
+    and write "start length start length ..." as ASCII into ``buf``. Returns the byte count."""
+    starts = np.sort(starts)
+    ends = np.sort(ends)
+    n = starts.shape[0]
+    pos = 0
+    prev_end = 0
+    k = 0
+    digits = np.empty(20, dtype=np.uint8)
+    while k < n:
+        s = starts[k]
+        e = ends[k]
+        # A run ending at the bottom of column c (flat index (c + 1) * H) and one starting at
+        # the top of column c + 1 (the same flat index) are one column-major run.
+        while k + 1 < n and starts[k + 1] == e:
+            k += 1
+            e = ends[k]
+        k += 1
+        first = s - prev_end if relative else s + 1
+        for value in (first, e - s):
+            if pos > 0:
+                buf[pos] = 32
+                pos += 1
+            nd = 0
+            v = value
+            while True:
+                digits[nd] = 48 + v % 10
+                nd += 1
+                v //= 10
+                if v == 0:
+                    break
+            for i in range(nd):
+                buf[pos + i] = digits[nd - 1 - i]
+            pos += nd
+        prev_end = e
+    return pos
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,21 +262,27 @@ def rle_encode(mask: np.ndarray, relative: bool = True) -> str:
     """Encode an H×W mask (any dtype; nonzero = foreground) to an RLE string; ``"-1"`` if empty."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
-    if mask.dtype == np.bool_:
-        mask = mask.view(np.uint8)
-    # Two cheap contiguous reductions find the bounding box, so the column-major scan (strided
-    # reads) touches only the part of the image that holds the mask.
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
+    if mask.dtype != np.uint8:
+        mask = (mask != 0).view(np.uint8)
+    height, width = mask.shape
+    if width % 8 or not mask.flags.c_contiguous:
+        # Zero columns appended on the right come after every real pixel in column-major
+        # order, so they change no run; they let the kernel read whole 8-byte words.
+        padded = np.zeros((height, -(-width // 8) * 8), dtype=np.uint8)
+        padded[:, :width] = mask
+        mask = padded
+    cap = mask.size // 2 + mask.shape[1] + 1  # alternating pixels: the most edges possible
+    starts = np.empty(cap, dtype=np.int64)
+    ends = np.empty(cap, dtype=np.int64)
+    n_s, n_e = _vertical_edges(mask, mask.view(np.uint64), starts, ends)
+    if n_s == 0:
         return EMPTY
-    cols = np.flatnonzero(mask.any(axis=0))
-    r0, r1 = int(rows[0]), int(rows[-1]) + 1
-    c0, c1 = int(cols[0]), int(cols[-1]) + 1
-    # Worst case: alternating pixels -> one run per two pixels of the box, plus one per column.
-    cap = (r1 - r0) * (c1 - c0) + 2 * (c1 - c0) + 2
-    out = np.empty(cap, dtype=np.int64)
-    n = _encode_runs(np.ascontiguousarray(mask), r0, r1, c0, c1, bool(relative), out)
-    return " ".join(map(str, out[:n].tolist()))
+    if n_s != n_e:  # cannot happen: every run that starts also ends (at the latest at r == H)
+        raise RuntimeError(f"RLE encoder found {n_s} run starts but {n_e} ends")
+    # Each run needs at most 2 * 20 digits + 2 spaces.
+    buf = np.empty(n_s * 42, dtype=np.uint8)
+    n = _runs_to_ascii(starts[:n_s], ends[:n_e], bool(relative), buf)
+    return buf[:n].tobytes().decode("ascii")
 
 
 def rle_to_runs(
