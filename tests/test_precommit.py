@@ -13,7 +13,7 @@ def test_precommit_config_is_local_and_names_hooks():
         for hook in repo["hooks"]:
             assert hook["language"] == "system"
             hooks[hook["id"]] = hook
-    assert {"ruff", "ruff-format", "bandit", "pytest"} <= set(hooks)
+    assert {"ruff", "ruff-format", "bandit", "pytest", "strip-notebooks"} <= set(hooks)
     # every entry's executable exists in the venv or is make
     for hook in hooks.values():
         exe = hook["entry"].split()[0]

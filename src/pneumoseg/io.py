@@ -1,13 +1,37 @@
-"""File I/O helpers: atomic writes (temp file in the same folder + rename)."""
+"""File I/O: DICOM and PNG reading, and atomic writes (temp file in the same folder + rename).
+
+Readers return images as ``uint8`` H×W arrays (grayscale, row-major, image orientation):
+
+* :func:`read_dicom` decodes the pixels (all SIIM DICOMs are JPEG-baseline compressed; pydicom 3
+  decodes them with pylibjpeg or Pillow), inverts ``MONOCHROME1`` so that bright = dense, and
+  rescales more than 8 bits to ``uint8`` (min–max of the stored values);
+* :func:`read_dicom_tags` reads only the header (``stop_before_pixels``), for manifests;
+  :func:`check_dicom` also reads the raw pixel bytes (no decode) to catch truncated files;
+* :func:`read_png` reads any PNG as 8-bit grayscale; :func:`read_image` dispatches on the suffix.
+
+Every error names the file.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import cv2
+import numpy as np
+
+# --------------------------------------------------------------------------------------------------
+# atomic writes
+# --------------------------------------------------------------------------------------------------
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -21,6 +45,7 @@ def atomic_write(path: str | Path, mode: str = "w", **kwargs) -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
             fh.flush()
@@ -37,3 +62,205 @@ def atomic_save(path: str | Path, writer, binary: bool = True) -> Path:
     with atomic_write(path, "wb" if binary else "w") as fh:
         writer(fh)
     return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# DICOM
+# --------------------------------------------------------------------------------------------------
+DICOM_SUFFIXES = (".dcm", ".dicom")
+PNG_SUFFIXES = (".png",)
+TAG_NAMES = ("PatientID", "PatientAge", "PatientSex", "ViewPosition", "Rows", "Columns")
+_HEADER_TAGS = [*TAG_NAMES, "SeriesDescription"]
+_AGE_UNITS = {"Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.25, "D": 1.0 / 365.25}
+_AGE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([YMWD]?)\s*$", re.IGNORECASE)
+_VIEW_RE = re.compile(r"view\s*:\s*([A-Za-z]+)", re.IGNORECASE)
+_JPEG_EOI = b"\xff\xd9"
+
+
+class DicomReadError(ValueError):
+    """A DICOM file that cannot be read or decoded (the message names the file)."""
+
+
+def parse_age(value: Any) -> float:
+    """DICOM Age String (``'038Y'``, ``'6M'``; SIIM writes bare ``'38'``) -> years, NaN if unknown."""
+    if value is None:
+        return math.nan
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = _AGE_RE.match(str(value))
+    if not m:
+        return math.nan
+    return float(m.group(1)) * _AGE_UNITS[(m.group(2) or "Y").upper()]
+
+
+def _tags(ds) -> dict[str, Any]:
+    view = str(ds.get("ViewPosition", "") or "").strip()
+    if not view:  # SIIM also writes the view into the series description ('view: PA')
+        m = _VIEW_RE.search(str(ds.get("SeriesDescription", "") or ""))
+        view = m.group(1).upper() if m else ""
+    return {
+        "PatientID": str(ds.get("PatientID", "") or "").strip(),
+        "PatientAge": parse_age(ds.get("PatientAge")),
+        "PatientSex": str(ds.get("PatientSex", "") or "").strip(),
+        "ViewPosition": view,
+        "Rows": int(ds.get("Rows", 0) or 0),
+        "Columns": int(ds.get("Columns", 0) or 0),
+    }
+
+
+def _dcmread(path: Path, **kwargs):
+    import pydicom  # deferred: pydicom's import is slow-ish and not every caller needs it
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # truncation warnings: we report them ourselves
+            return pydicom.dcmread(path, **kwargs)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"DICOM file not found: {path}") from None
+    except Exception as e:
+        raise DicomReadError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from e
+
+
+def _require_size(path: Path, tags: dict) -> None:
+    if tags["Rows"] <= 0 or tags["Columns"] <= 0:
+        raise DicomReadError(
+            f"{path}: DICOM header has no Rows/Columns (truncated or not an image)"
+        )
+
+
+def read_dicom_tags(path: str | Path) -> dict[str, Any]:
+    """Header only (fast): PatientID, PatientAge (float years or NaN), PatientSex, ViewPosition,
+    Rows, Columns. Raises :class:`DicomReadError` naming the file when it is not a DICOM image."""
+    path = Path(path)
+    ds = _dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    tags = _tags(ds)
+    _require_size(path, tags)
+    return tags
+
+
+def _check_pixel_bytes(path: Path, ds) -> None:
+    if "PixelData" not in ds:
+        raise DicomReadError(f"{path}: no pixel data (file truncated?)")
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    data = ds.PixelData
+    if ts is not None and ts.is_encapsulated:
+        from pydicom.encaps import generate_fragments
+
+        try:
+            frags = [f for f in generate_fragments(data) if len(f)]
+        except Exception as e:
+            raise DicomReadError(f"{path}: corrupt encapsulated pixel data ({e})") from e
+        if not frags:
+            raise DicomReadError(f"{path}: empty encapsulated pixel data")
+        # JPEG (baseline/extended/lossless) streams end with the EOI marker (+ even-length pad).
+        if str(ts).startswith("1.2.840.10008.1.2.4.5") or str(ts) in (
+            "1.2.840.10008.1.2.4.57",
+            "1.2.840.10008.1.2.4.70",
+        ):
+            tail = frags[-1].rstrip(b"\x00")
+            if not tail.endswith(_JPEG_EOI):
+                raise DicomReadError(f"{path}: JPEG stream has no end-of-image marker (truncated?)")
+    else:
+        bits = int(ds.get("BitsAllocated", 8) or 8)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        need = int(ds.Rows) * int(ds.Columns) * spp * frames * bits // 8
+        if len(data) < need:
+            raise DicomReadError(f"{path}: pixel data has {len(data)} bytes, expected {need}")
+
+
+def check_dicom(path: str | Path) -> dict[str, Any]:
+    """Tags like :func:`read_dicom_tags`, after checking the raw pixel bytes are all there.
+
+    Reads the whole file but decodes nothing: catches truncated files (no pixel data, or a JPEG
+    stream without its end-of-image marker) at ~1/10 of the cost of decoding.
+    """
+    path = Path(path)
+    ds = _dcmread(path)
+    tags = _tags(ds)
+    _require_size(path, tags)
+    _check_pixel_bytes(path, ds)
+    return tags
+
+
+def _to_uint8(arr: np.ndarray, ds, path: Path) -> np.ndarray:
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and int(ds.get("SamplesPerPixel", 1)) > 1:
+        if arr.dtype != np.uint8:
+            arr = _scale_to_uint8(arr)
+        return cv2.cvtColor(np.ascontiguousarray(arr[..., :3]), cv2.COLOR_RGB2GRAY)
+    if arr.ndim == 3:  # multi-frame: the first frame
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise DicomReadError(f"{path}: unsupported pixel array shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        arr = _scale_to_uint8(arr)
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        arr = 255 - arr  # MONOCHROME1: 0 = white; flip so that bright = dense everywhere
+    return np.ascontiguousarray(arr)
+
+
+def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    a = arr.astype(np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def read_dicom(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode a DICOM to ``(uint8 H×W image, tags)``; see :func:`read_dicom_tags` for the tags."""
+    path = Path(path)
+    ds = _dcmread(path)
+    tags = _tags(ds)
+    _require_size(path, tags)
+    if "PixelData" not in ds:
+        raise DicomReadError(f"{path}: no pixel data (file truncated?)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
+    except Exception as e:
+        raise DicomReadError(
+            f"{path}: cannot decode pixel data ({type(e).__name__}: {e}); JPEG DICOMs need "
+            "pylibjpeg+pylibjpeg-libjpeg or Pillow installed"
+        ) from e
+    return _to_uint8(arr, ds, path), tags
+
+
+# --------------------------------------------------------------------------------------------------
+# PNG and dispatch
+# --------------------------------------------------------------------------------------------------
+def read_png(path: str | Path) -> np.ndarray:
+    """Read a PNG (gray, RGB, 16-bit...) as a uint8 H×W grayscale array."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"PNG file not found: {path}")
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ValueError(f"{path}: cannot decode image (corrupt or not a PNG)")
+    if arr.ndim == 3:
+        code = cv2.COLOR_BGRA2GRAY if arr.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        arr = cv2.cvtColor(arr, code)
+    if arr.dtype != np.uint8:
+        arr = _scale_to_uint8(arr) if arr.dtype.kind == "f" else (arr >> 8).astype(np.uint8)
+    return arr
+
+
+def png_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of a PNG from its header, without decoding the pixels."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise ValueError(f"{path}: not a PNG file")
+    width = int.from_bytes(head[16:20], "big")
+    height = int.from_bytes(head[20:24], "big")
+    return height, width
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """uint8 H×W image from a DICOM (``.dcm``/``.dicom``) or any format OpenCV reads (PNG...)."""
+    path = Path(path)
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return read_dicom(path)[0]
+    return read_png(path)

@@ -1,0 +1,122 @@
+"""Make (or import) the cross-validation folds -> ``folds.file`` (default folds/folds.csv).
+
+    python src/make_folds.py [--config configs/x.yaml] [section.key=value ...] [--force]
+
+Without ``folds.import_from`` the training manifest is built from ``data.*`` and split into
+``folds.n_folds`` folds, stratified on mask presence and area bins and grouped by patient. With
+``folds.import_from=path/to/2nd_stage_folds.csv`` a foreign folds file is imported instead (ids
+checked against the manifest when ``data.root`` exists). Either way the per-fold table and the
+number of patients split across folds are logged. An existing, different folds file is kept
+unless ``--force``; an identical one is left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("make_folds")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", help="experiment YAML merged over configs/base.yaml")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. folds.n_folds=4")
+    ap.add_argument("--force", action="store_true", help="overwrite a different folds file")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from pneumoseg.config import ConfigError, load_config
+    from pneumoseg.folds import (
+        FoldsError,
+        fold_report,
+        folds_csv,
+        import_folds,
+        make_folds,
+        patients_split,
+        write_folds,
+    )
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    fcfg, dcfg = cfg["folds"], cfg["data"]
+    out = Path(fcfg["file"])
+    patient_map = None  # the manifest applies data.patient_map itself; imports without one need it
+    if dcfg.get("patient_map"):
+        patient_map = Path(dcfg["root"]) / dcfg["patient_map"]  # like data.py: relative to root
+        if not patient_map.exists() and Path(dcfg["patient_map"]).exists():
+            patient_map = Path(dcfg["patient_map"])
+
+    try:
+        manifest = None
+        if fcfg["import_from"]:
+            if Path(dcfg["root"]).is_dir():
+                manifest = _build_manifest(dcfg)
+            else:
+                log.info("data.root %s not found: importing without an id check", dcfg["root"])
+            folds = import_folds(
+                fcfg["import_from"],
+                manifest=manifest,
+                patient_map=None if manifest is not None else patient_map,
+                area_bins=fcfg["area_bins"],
+            )
+            log.info("imported %d ids from %s", len(folds), fcfg["import_from"])
+        else:
+            manifest = _build_manifest(dcfg)
+            folds = make_folds(
+                manifest,
+                n_folds=fcfg["n_folds"],
+                seed=fcfg["seed"],
+                area_bins=fcfg["area_bins"],
+            )
+    except (FoldsError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 1
+
+    report = fold_report(folds, manifest)
+    log.info("per-fold table:\n%s", report.to_string(float_format=lambda x: f"{x:.4g}"))
+    leak = patients_split(folds)
+    log.info("patients split across folds: %s", leak)
+    if leak.patients:
+        log.warning(
+            "these folds leak patients between train and validation (e.g. %s)", leak.examples
+        )
+
+    text = folds_csv(folds)
+    if out.exists():
+        old = out.read_text(encoding="utf-8")
+        if old == text:
+            log.info("%s is already up to date: nothing written", out)
+            return 0
+        if not args.force:
+            log.error("%s exists and differs from these folds: pass --force to overwrite", out)
+            return 1
+        log.warning("overwriting %s (--force)", out)
+    write_folds(folds, out)
+    n_cv = folds.loc[folds["fold"] >= 0, "fold"].nunique()
+    n_train_only = int((folds["fold"] < 0).sum())
+    extra = f", {n_train_only} train-only" if n_train_only else ""
+    log.info("wrote %s (%d images, %d folds%s)", out, len(folds), n_cv, extra)
+    return 0
+
+
+def _build_manifest(dcfg: dict):
+    from pneumoseg.data import build_manifest
+
+    return build_manifest(dcfg, split="train")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
