@@ -15,3 +15,69 @@ def real_dir() -> Path:
     if not REAL.is_dir():
         pytest.skip(f"real SIIM test files not found at {REAL}")
     return REAL
+
+
+def run_script(script: str, *args: str, cwd: Path = REPO, timeout: int = 600, module=False):
+    """Run ``python src/<script>.py args`` like a user does; fail with its output on error."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, *(["-m", script] if module else [str(REPO / "src" / f"{script}.py")])]
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd[1:])} {' '.join(args)} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """Overrides that point configs/demo.yaml at a tiny dataset under ``root`` (64 px, 2 folds,
+    a couple of optimiser steps per epoch) and keep every output inside ``root``."""
+    return [
+        f"data.root={root / 'data'}",
+        "data.original_size=64",
+        f"cache.dir={root / 'cache'}",
+        "cache.size=64",
+        "cache.n_jobs=1",
+        f"folds.file={root / 'folds.csv'}",
+        "folds.n_folds=2",
+        f"train.out_dir={root / 'runs'}",
+        "train.batch_size=4",
+        "train.val_batch_size=8",
+        "train.epochs=2",
+        "train.max_steps_per_epoch=2",
+        "train.top_k=2",
+        "model.encoder=resnet18",
+        "model.decoder_channels=[32, 16, 16, 8, 8]",
+        "oof.size=32",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A 32-image synthetic SIIM dataset at 64 px, cached and split into 2 folds, via the CLIs."""
+    root = tmp_path_factory.mktemp("tiny")
+    run_script(
+        "make_synthetic",
+        "--out",
+        str(root / "data"),
+        "--n-train",
+        "32",
+        "--n-test",
+        "6",
+        "--size",
+        "64",
+        "--seed",
+        "3",
+        "--positive-rate",
+        "0.4",
+    )
+    over = tiny_overrides(root)
+    run_script("preprocess", "--config", "configs/demo.yaml", "--split", "all", *over)
+    run_script("make_folds", "--config", "configs/demo.yaml", *over)
+    return root

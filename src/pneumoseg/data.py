@@ -652,8 +652,8 @@ class SegDataset:
         import torch
 
         k = int(self.indices[i])
-        image = np.asarray(self.cache.images[k])
-        mask = np.asarray(self.cache.masks[k])
+        image = np.array(self.cache.images[k])  # copies out of the read-only memmap
+        mask = np.array(self.cache.masks[k])
         if self.transforms is not None:
             t = self.transforms[0] if self.has_mask[i] else self.transforms[1]
             out = t(image=image, mask=mask)

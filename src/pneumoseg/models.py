@@ -61,6 +61,9 @@ def build_model(cfg: dict) -> nn.Module:
     weights = cfg.get("encoder_weights")
     weights_path = cfg.get("encoder_weights_path")
     kwargs = {}
+    if cfg.get("decoder_channels"):
+        # Smaller decoders make CPU demos and tests fast; smp's default is (256, 128, 64, 32, 16).
+        kwargs["decoder_channels"] = tuple(int(c) for c in cfg["decoder_channels"])
     if cfg.get("aux_head"):
         kwargs["aux_params"] = {"classes": 1, "dropout": float(cfg.get("aux_dropout", 0.0))}
     try:

@@ -1,0 +1,380 @@
+"""Training machinery: devices, AMP, optimisers, schedulers, one epoch of training, evaluation,
+checkpoints (top-k, ``last``, averaging, resume) and DDP set-up.
+
+Plain functions in the style of torchvision's ``references/segmentation/train.py``; ``train.py``
+strings them together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from pneumoseg.io import atomic_save
+from pneumoseg.metrics import dice_from_areas
+from pneumoseg.models import split_output
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------- devices
+def get_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; under torchrun each rank takes its LOCAL_RANK GPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """``auto``: bf16 on CUDA that supports it, else fp16 on CUDA; no autocast on CPU/MPS."""
+    if amp == "none" or device.type != "cuda":
+        return None
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    if amp in ("fp16", "auto"):
+        return torch.float16
+    raise ValueError(f"train.amp must be auto, bf16, fp16 or none, got {amp!r}")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - legacy global RNG still used by libraries
+    torch.manual_seed(seed)
+    if deterministic:
+        # Bit-exact reruns on GPU cost speed (no cuDNN autotuning, deterministic kernels).
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    state = {
+        "python": random.getstate(),
+        # as a tensor: checkpoints are read with weights_only=True, which refuses numpy arrays
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping) -> None:
+    random.setstate(_tupleize(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tupleize(x):
+    # Checkpoints loaded with weights_only=True turn tuples into lists; RNG setters want tuples.
+    if isinstance(x, list):
+        return tuple(_tupleize(v) for v in x)
+    return x
+
+
+# ------------------------------------------------------------------------------------- DDP
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str = "auto") -> Dist:
+    """Initialise torch.distributed when launched by ``torchrun`` (``WORLD_SIZE`` > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local)
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def broadcast_flag(d: Dist, flag: bool) -> bool:
+    """Rank 0's decision (e.g. early stop) for every rank."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+# ------------------------------------------------------------------------------------- optim
+def build_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
+    name = cfg["optimizer"].lower()
+    opts = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if name not in opts:
+        raise KeyError(f"unknown train.optimizer {name!r}; valid: {', '.join(opts)}")
+    return opts[name](model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def build_scheduler(optimizer, cfg: Mapping, steps_per_epoch: int):
+    """``cosine``: linear warm-up then cosine to ``min_lr``, stepped every optimiser step;
+    ``plateau``: ReduceLROnPlateau on validation Dice, stepped every epoch; ``none``."""
+    name = cfg["scheduler"]
+    if name == "none":
+        return None
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=cfg["plateau_factor"], patience=cfg["plateau_patience"]
+        )
+    if name != "cosine":
+        raise KeyError(f"unknown train.scheduler {name!r}; valid: cosine, plateau, none")
+    total = max(1, cfg["epochs"] * steps_per_epoch)
+    warmup = int(cfg["warmup_epochs"] * steps_per_epoch)
+    floor = cfg["min_lr"] / cfg["lr"]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ------------------------------------------------------------------------------------- loops
+def _to_device(batch: Mapping, device: torch.device, channels_last: bool):
+    x = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, batch["mask"].to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    model,
+    loader,
+    loss_fn,
+    optimizer,
+    scheduler,
+    scaler,
+    device,
+    epoch: int,
+    cfg: Mapping,
+    dtype=None,
+    show_progress: bool = True,
+) -> dict:
+    """One pass over ``loader`` with gradient accumulation and clipping; returns mean losses."""
+    model.train()
+    accum = max(1, int(cfg["accum_steps"]))
+    max_steps = int(cfg.get("max_steps_per_epoch") or 0)
+    n_batches = len(loader) if not max_steps else min(len(loader), max_steps * accum)
+    sums: dict[str, float] = {}
+    seen = 0
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(
+        loader, total=n_batches, desc=f"train {epoch}", leave=False, disable=not show_progress
+    )
+    for i, batch in enumerate(bar):
+        if i >= n_batches:
+            break
+        x, y = _to_device(batch, device, cfg["channels_last"])
+        with autocast(device, dtype):
+            logits, cls = split_output(model(x))
+        loss, parts = loss_fn(logits.float(), y, None if cls is None else cls.float())
+        scaler.scale(loss / accum).backward()
+        last_of_group = (i + 1) % accum == 0 or i + 1 == n_batches
+        if last_of_group:
+            if cfg["clip_grad"]:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None and not isinstance(
+                scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
+            ):
+                scheduler.step()
+        n = x.shape[0]
+        seen += n
+        for k, v in {"loss": float(loss.detach()), **parts}.items():
+            sums[k] = sums.get(k, 0.0) + v * n
+        bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
+    return {k: v / max(seen, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def predict_batch(model, x: torch.Tensor, hflip: bool = False, dtype=None):
+    """Sigmoid probabilities (N, 1, H, W), and image-level probabilities (N, 1) or None, averaged
+    over the identity and (optionally) the horizontally flipped view in one forward pass."""
+    views = torch.cat([x, x.flip(-1)]) if hflip else x
+    with autocast(x.device, dtype):
+        logits, cls = split_output(model(views))
+    n = x.shape[0]
+    probs = merge_hflip(torch.sigmoid(logits.float()), n, hflip)
+    cls_p = None if cls is None else merge_hflip(torch.sigmoid(cls.float()), n, hflip, flip=False)
+    return probs, cls_p
+
+
+def merge_hflip(t: torch.Tensor, n: int, hflip: bool, flip: bool = True) -> torch.Tensor:
+    """Average the plain half and the flipped-back second half of a (2N, ...) TTA batch."""
+    if not hflip:
+        return t
+    return (t[:n] + (t[n:].flip(-1) if flip else t[n:])) / 2
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    loader,
+    device,
+    threshold: float = 0.5,
+    loss_fn=None,
+    dtype=None,
+    channels_last: bool = False,
+    hflip: bool = False,
+    show_progress: bool = True,
+) -> dict:
+    """Competition mean Dice at ``threshold``, positive-only Dice and (optionally) the loss, from
+    per-image areas: memory does not grow with the validation set."""
+    model.eval()
+    inter, pa, ta, losses = [], [], [], []
+    for batch in tqdm(loader, desc="valid", leave=False, disable=not show_progress):
+        x, y = _to_device(batch, device, channels_last)
+        views = torch.cat([x, x.flip(-1)]) if hflip else x
+        with autocast(device, dtype):
+            logits, cls = split_output(model(views))
+        logits = logits.float()
+        n = x.shape[0]
+        if loss_fn is not None:  # the loss of the plain view, from the same forward pass
+            loss, _ = loss_fn(logits[:n], y, None if cls is None else cls[:n].float())
+            losses.append(float(loss) * n)
+        probs = merge_hflip(torch.sigmoid(logits), n, hflip)
+        pred = (probs > threshold).flatten(1)
+        truth = (y > 0.5).flatten(1)
+        inter.append((pred & truth).sum(1).cpu())
+        pa.append(pred.sum(1).cpu())
+        ta.append(truth.sum(1).cpu())
+    inter_t, pa_t, ta_t = (torch.cat(v).double() for v in (inter, pa, ta))
+    dice = dice_from_areas(inter_t, pa_t, ta_t)
+    pos = ta_t > 0
+    out = {
+        "dice": float(dice.mean()),
+        "pos_dice": float(dice[pos].mean()) if pos.any() else float("nan"),
+        "empty_acc": float(((pa_t > 0) == pos).double().mean()),
+    }
+    if losses:
+        out["val_loss"] = sum(losses) / len(dice)
+    return out
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+@dataclass
+class Checkpoints:
+    """Top-k checkpoints by validation Dice plus ``last.pt`` (for ``--resume``), in ``folder``.
+
+    Every file is written to a temp name and renamed; a checkpoint that falls out of the top k is
+    deleted only after the new one is safely on disk.
+    """
+
+    folder: Path
+    k: int = 3
+    best: list[tuple[float, int, str]] = field(default_factory=list)  # (score, epoch, file)
+
+    def __post_init__(self):
+        self.folder = Path(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def update(self, score: float, epoch: int, state_dict: Mapping, extra: Mapping) -> bool:
+        """Save this epoch's weights if they rank in the top k; return True if saved."""
+        if self.k <= 0 or not math.isfinite(score):
+            return False
+        ranked = sorted([*self.best, (score, epoch, "")], key=lambda t: (-t[0], t[1]))
+        if (score, epoch, "") not in ranked[: self.k]:
+            return False
+        name = f"epoch{epoch:03d}.pt"
+        save_torch(
+            {"state_dict": dict(state_dict), **extra, "epoch": epoch, "score": score},
+            self.folder / name,
+        )
+        self.best = sorted([*self.best, (score, epoch, name)], key=lambda t: (-t[0], t[1]))
+        for _, _, old in self.best[self.k :]:
+            (self.folder / old).unlink(missing_ok=True)
+        self.best = self.best[: self.k]
+        return True
+
+    def state_dict(self) -> dict:
+        return {"k": self.k, "best": [list(b) for b in self.best]}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.k = int(state["k"])
+        self.best = [(float(s), int(e), str(f)) for s, e, f in state["best"]]
+
+    def paths(self) -> list[Path]:
+        return [self.folder / f for _, _, f in self.best]
+
+
+def save_torch(obj, path: Path) -> Path:
+    return atomic_save(path, lambda fh: torch.save(obj, fh))
+
+
+def load_torch(path: str | Path, map_location="cpu"):
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def average_state_dicts(paths: Iterable[str | Path]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of the checkpoints' weights (integer buffers such as BatchNorm's
+    ``num_batches_tracked`` are taken from the first)."""
+    paths = list(paths)
+    if not paths:
+        raise ValueError("no checkpoints to average")
+    avg: dict[str, torch.Tensor] = {}
+    for i, p in enumerate(paths):
+        state = load_torch(p)["state_dict"]
+        for k, v in state.items():
+            if i == 0:
+                avg[k] = v.clone().double() if v.is_floating_point() else v.clone()
+            elif v.is_floating_point():
+                avg[k] += v.double()
+    n = len(paths)
+    first = load_torch(paths[0])["state_dict"]
+    return {k: (v / n).to(first[k].dtype) if v.is_floating_point() else v for k, v in avg.items()}

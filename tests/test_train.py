@@ -1,0 +1,155 @@
+"""The trainer end to end on a tiny synthetic set (CPU, a few optimiser steps)."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO, run_script, tiny_overrides
+
+
+def _train(root, name, *extra, fold="0", resume=False, force=False):
+    args = [
+        "--config",
+        "configs/demo.yaml",
+        "--fold",
+        fold,
+        "--quiet",
+        *tiny_overrides(root),
+        f"exp={name}",
+        *extra,
+    ]
+    if resume:
+        args.insert(0, "--resume")
+    if force:
+        args.insert(0, "--force")
+    return run_script("train", *args)
+
+
+def test_train_one_fold_end_to_end(tiny_data):
+    _train(tiny_data, "e2e")
+    out = tiny_data / "runs" / "e2e" / "fold0"
+    for name in (
+        "config.yaml",
+        "train.log",
+        "log.csv",
+        "curves.png",
+        "last.pt",
+        "model.pt",
+        "oof_probs.npy",
+        "oof_truth.npy",
+        "oof_ids.csv",
+    ):
+        assert (out / name).is_file(), name
+    log = pd.read_csv(out / "log.csv")
+    assert log["epoch"].tolist() == [0, 1]
+    assert {"loss", "bce", "dice", "focal", "lr", "pos_dice", "val_loss", "time_s"} <= set(log)
+    assert len(list((out / "checkpoints").glob("epoch*.pt"))) == 2  # top_k=2
+    # model.pt: plain weights + config, loadable with weights_only=True, = mean of the top-k
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert model["config"]["exp"] == "e2e" and len(model["averaged"]) == 2
+    ckpts = [torch.load(p, weights_only=True) for p in sorted((out / "checkpoints").glob("*.pt"))]
+    key = "encoder.conv1.weight"
+    mean = (ckpts[0]["state_dict"][key] + ckpts[1]["state_dict"][key]) / 2
+    torch.testing.assert_close(model["state_dict"][key], mean)
+    assert ckpts[0]["config"]["exp"] == "e2e"  # resolved config inside every checkpoint
+    # OOF: exactly the fold-0 images, probabilities as uint8 at oof.size
+    folds = pd.read_csv(tiny_data / "folds.csv", dtype={"id": str})
+    ids = pd.read_csv(out / "oof_ids.csv", dtype=str)["id"].tolist()
+    assert sorted(ids) == sorted(folds.loc[folds["fold"] == 0, "id"])
+    probs = np.load(out / "oof_probs.npy", mmap_mode="r")
+    truth = np.load(out / "oof_truth.npy", mmap_mode="r")
+    assert probs.shape == truth.shape == (len(ids), 32, 32) and probs.dtype == np.uint8
+    assert set(np.unique(truth)) <= {0, 1}
+
+
+def test_refuses_to_overwrite_a_run(tiny_data):
+    _train(tiny_data, "guard", "train.epochs=1")
+    with pytest.raises(AssertionError, match="already holds a run"):
+        _train(tiny_data, "guard", "train.epochs=1")
+    _train(tiny_data, "guard", "train.epochs=1", force=True)
+    backups = list((tiny_data / "runs" / "guard").glob("fold0.bak-*"))
+    assert len(backups) == 1 and (backups[0] / "model.pt").is_file()  # moved, not deleted
+
+
+def test_resume_continues_and_matches_uninterrupted(tiny_data):
+    _train(tiny_data, "straight", "train.epochs=3")
+    _train(tiny_data, "resumed", "train.epochs=3", "train.stop_after_epoch=0")
+    part = tiny_data / "runs" / "resumed" / "fold0"
+    assert pd.read_csv(part / "log.csv")["epoch"].tolist() == [0]
+    assert (part / "last.pt").is_file() and not (part / "model.pt").exists()
+    _train(tiny_data, "resumed", "train.epochs=3", resume=True)
+    log = pd.read_csv(part / "log.csv")
+    ref = pd.read_csv(tiny_data / "runs" / "straight" / "fold0" / "log.csv")
+    assert log["epoch"].tolist() == [0, 1, 2]
+    # Same seed, same data order, same augmentations, restored RNG: the same numbers.
+    np.testing.assert_allclose(log["loss"], ref["loss"], rtol=1e-4)
+    a = torch.load(part / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tiny_data / "runs" / "straight" / "fold0" / "model.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b["state_dict"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_full_data_run_has_no_validation(tiny_data):
+    _train(tiny_data, "full", "train.epochs=1", fold="-1")
+    out = tiny_data / "runs" / "full" / "full"
+    assert (out / "model.pt").is_file() and not (out / "oof_ids.csv").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes_agree(tiny_data, tmp_path):
+    """torchrun with 2 gloo processes trains one step; both ranks end with the same weights."""
+    script = tmp_path / "ddp_check.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {str(REPO / 'src')!r})\n"
+        "import train\n"
+        "args = train.get_args(sys.argv[1:])\n"
+        "out, model = train.main(args)\n"
+        "from pneumoseg.engine import init_distributed\n"
+        "d = init_distributed('cpu')\n"
+        "names = [n for n, _ in model.named_parameters()]\n"
+        "mine = torch.cat([p.detach().flatten() for p in model.parameters()])\n"
+        "# rank 0 saved its weights in last.pt; every rank compares its own in-memory weights.\n"
+        "# (BatchNorm running statistics legitimately differ: each rank saw its own batch.)\n"
+        "saved = torch.load(out / 'last.pt', weights_only=True)['model']\n"
+        "ref = torch.cat([saved[n].flatten() for n in names])\n"
+        "assert torch.equal(mine, ref), f'rank {d.rank} disagrees with rank 0'\n"
+        "print('AGREE', d.rank, d.world_size)\n"
+        "dist.destroy_process_group()\n"
+    )
+    args = [
+        "--config",
+        "configs/demo.yaml",
+        "--fold",
+        "0",
+        "--quiet",
+        *tiny_overrides(tiny_data),
+        "exp=ddp",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=1",
+        "train.device=cpu",
+    ]
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(script),
+        *args,
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("AGREE") == 2
