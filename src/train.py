@@ -197,9 +197,13 @@ def main(args):
 
     model = build_model(cfg["model"]).to(device)
     if tc["init_from"]:
-        state = engine.load_torch(tc["init_from"])
+        # "{fold}" lets one config fine-tune every fold from its own lower-resolution model.
+        init = Path(tc["init_from"].format(fold=out.name))
+        if not init.is_file():
+            raise FileNotFoundError(f"train.init_from: {init} not found (train that stage first)")
+        state = engine.load_torch(init)
         model.load_state_dict(state.get("state_dict", state))
-        log.info("initialised weights from %s", tc["init_from"])
+        log.info("initialised weights from %s", init)
     if tc["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     log.info(
