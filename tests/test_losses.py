@@ -47,8 +47,8 @@ def test_combo_matches_weighted_sum_and_aux():
     total, parts = loss(ZERO, ONE_POS, cls_logits=torch.zeros(1, 1))
     expected = 3 * LN2 + (1 - 2 / 4) + 4 * 0.25 * LN2 + 0.5 * LN2
     assert float(total) == pytest.approx(expected, abs=1e-6)
-    assert set(parts) == {"bce", "dice", "focal", "aux_bce"}
-    assert parts["aux_bce"] == pytest.approx(LN2)
+    assert set(parts) == {"loss_bce", "loss_dice", "loss_focal", "loss_aux_bce"}
+    assert parts["loss_aux_bce"] == pytest.approx(LN2)
 
 
 def test_combo_gradients_flow():

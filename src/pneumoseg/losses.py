@@ -76,7 +76,7 @@ class ComboLoss(nn.Module):
 
     ``weights`` maps loss names to weights, e.g. ``{"bce": 3, "dice": 1, "focal": 4}``.
     ``forward(mask_logits, mask, cls_logits=None)`` returns ``(total, parts)`` where ``parts`` maps
-    each term to its (unweighted) value, for logging.
+    ``loss_<term>`` to the term's (unweighted) value, for logging.
     """
 
     def __init__(self, weights: Mapping[str, float], aux_weight: float = 0.0):
@@ -93,4 +93,4 @@ class ComboLoss(nn.Module):
             has = target.flatten(1).amax(1, keepdim=True).to(cls_logits.dtype)
             parts["aux_bce"] = F.binary_cross_entropy_with_logits(cls_logits, has)
             total = total + self.aux_weight * parts["aux_bce"]
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, {f"loss_{k}": float(v.detach()) for k, v in parts.items()}
