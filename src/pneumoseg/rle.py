@@ -127,6 +127,21 @@ def _fill_runs(tokens, n_tokens, relative, height, width, out):  # pragma: no co
 
 
 @numba.njit(cache=True, nogil=True)
+def _decode_bytes(buf, relative, height, width, out):  # pragma: no cover - compiled
+    """Parse and paint in one compiled call (the common case: well-formed input).
+
+    Returns 0 on success, else a non-zero code; the caller then re-parses with the checking path
+    (:func:`_parse` + :func:`_fill_runs`) to build a precise error message.
+    """
+    tokens = np.empty(buf.shape[0] // 2 + 1, dtype=np.int64)
+    n, err, _ = _parse_tokens(buf, tokens)
+    if err != _OK:
+        return err
+    err, _ = _fill_runs(tokens, n, relative, height, width, out)
+    return err
+
+
+@numba.njit(cache=True, nogil=True)
 def _vertical_edges(mask, words, starts, ends):  # pragma: no cover - compiled
     """Find where vertical (column-major) runs start and end, scanning in row-major order.
 
@@ -245,7 +260,10 @@ def rle_decode(
         raise ValueError(f"out must be uint8 {(height, width)}, got {out.dtype} {out.shape}")
     if is_empty_rle(rle):
         return out
-    tokens = _parse(rle)
+    buf = np.frombuffer(rle.encode("ascii", errors="replace"), dtype=np.uint8)
+    if _decode_bytes(buf, bool(relative), height, width, out) == _OK:
+        return out
+    tokens = _parse(rle)  # raises for token-level problems
     err, k = _fill_runs(tokens, tokens.shape[0], bool(relative), height, width, out)
     if err != _OK:
         form = "relative" if relative else "absolute"
