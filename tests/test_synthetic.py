@@ -1,0 +1,312 @@
+"""The built-in synthetic SIIM-format data set: layout, labels, DICOMs, determinism, plausibility."""
+
+import csv
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+
+from pneumoseg.io import read_dicom
+from pneumoseg.rle import read_rle_csv, rle_decode, union_mask
+from pneumoseg.synthetic import (
+    INFO,
+    JPEG_BASELINE,
+    generate_case,
+    plan_dataset,
+    render_record,
+    write_dataset,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 96
+SOP_RE = re.compile(r"^1\.2\.276\.0\.7230010\.3\.1\.4\.8323329\.\d+\.\d+\.\d+$")
+TEST_ID_RE = re.compile(r"^ID_[0-9a-f]{9}$")
+NIH_RE = re.compile(r"^(\d{8})_(\d{3})\.png$")
+KW = dict(n_train=18, n_test=6, size=SIZE, seed=3, positive_rate=0.5)
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _read_csv(path: Path) -> list[list[str]]:
+    with path.open(newline="") as fh:
+        return list(csv.reader(fh))
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "data"
+    summary = write_dataset(out, **KW)
+    assert summary["train"]["images"] == 18 and summary["test"]["images"] == 6
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# generator
+# --------------------------------------------------------------------------------------------------
+def test_generate_case_types():
+    rng = np.random.default_rng(0)
+    img, masks = generate_case(rng, 128, positive=False)
+    assert img.dtype == np.uint8 and img.shape == (128, 128) and masks == []
+    assert 20 < img.mean() < 235 and img.std() > 20
+    img, masks = generate_case(np.random.default_rng(1), 128, positive=True)
+    assert 1 <= len(masks) <= 3
+    for m in masks:
+        assert m.dtype == np.uint8 and m.shape == (128, 128)
+        assert set(np.unique(m)) == {0, 1}
+
+
+def test_generate_case_deterministic():
+    a, ma = generate_case(np.random.default_rng(5), 96, positive=True)
+    b, mb = generate_case(np.random.default_rng(5), 96, positive=True)
+    c, _ = generate_case(np.random.default_rng(6), 96, positive=True)
+    assert np.array_equal(a, b) and len(ma) == len(mb)
+    assert all(np.array_equal(x, y) for x, y in zip(ma, mb, strict=True))
+    assert not np.array_equal(a, c)
+
+
+def test_phantom_plausibility():
+    """Pneumothorax air is darker than the rest of the lung and lacks its texture."""
+    darker, smoother, n = 0, 0, 0
+    for i in range(12):
+        img, masks, lungs = generate_case(
+            np.random.default_rng(100 + i), 256, positive=True, return_lungs=True
+        )
+        if not masks:
+            continue
+        ptx = np.zeros_like(lungs)
+        for m in masks:
+            ptx |= m
+        assert not np.any(ptx & (1 - lungs)), "pneumothorax outside the lung"
+        ker = np.ones((3, 3), np.uint8)
+        core = cv2.erode(ptx, ker, iterations=2).astype(bool)
+        ref = (lungs & (1 - cv2.dilate(ptx, ker, iterations=6))).astype(bool)
+        if core.sum() < 10:
+            continue
+        f = img.astype(np.float32)
+        hp = f - cv2.GaussianBlur(f, (0, 0), 2.0)
+        n += 1
+        darker += f[core].mean() < f[ref].mean()
+        smoother += hp[core].std() < hp[ref].std()
+    assert n >= 8
+    assert darker >= n - 1 and smoother >= n - 1
+
+
+def test_sizes_vary():
+    areas = []
+    for i in range(20):
+        _, masks = generate_case(np.random.default_rng(200 + i), 128, positive=True)
+        areas += [int(m.sum()) for m in masks]
+    assert min(areas) < 0.3 * max(areas)
+
+
+# --------------------------------------------------------------------------------------------------
+# written data set
+# --------------------------------------------------------------------------------------------------
+def test_layout(ds):
+    for name in (
+        "train-rle.csv",
+        "test-rle.csv",
+        "stage_2_sample_submission.csv",
+        "nih_id.csv",
+        "stage_1_train_images.csv",
+        "stage_1_test_images.csv",
+        INFO,
+    ):
+        assert (ds / name).is_file(), name
+    train = sorted((ds / "dicom-images-train").rglob("*.dcm"))
+    assert len(train) == 18
+    for p in train:
+        assert p.parent.parent.parent == ds / "dicom-images-train"  # study/series/sop.dcm
+        assert SOP_RE.match(p.stem)
+    test = sorted((ds / "dicom-images-test").iterdir())
+    assert len(test) == 6 and all(TEST_ID_RE.match(p.stem) and p.suffix == ".dcm" for p in test)
+    assert len(list((ds / "png_images").iterdir())) == 24
+    assert len(list((ds / "png_masks").iterdir())) == 24
+    assert not list(ds.rglob("*.tmp"))
+
+
+def test_rle_csv_format(ds):
+    lines = (ds / "train-rle.csv").read_text().splitlines()
+    assert lines[0] == "ImageId, EncodedPixels"
+    for line in lines[1:]:
+        image_id, rle = line.split(",")
+        assert SOP_RE.match(image_id) and rle.startswith(" ") and rle.strip()
+    ids = {line.split(",")[0] for line in lines[1:]}
+    assert len(ids) == 18
+    assert any(line.endswith(", -1") for line in lines)
+    test_lines = (ds / "test-rle.csv").read_text().splitlines()
+    assert test_lines[0] == "ImageId, EncodedPixels"
+    assert {line.split(",")[0] for line in test_lines[1:]} == {
+        p.stem for p in (ds / "dicom-images-test").iterdir()
+    }
+
+
+def test_rle_matches_generator(ds):
+    records = plan_dataset(KW["n_train"], KW["n_test"], KW["seed"], KW["positive_rate"])
+    labels = {**read_rle_csv(ds / "train-rle.csv", (SIZE, SIZE))}
+    labels.update(read_rle_csv(ds / "test-rle.csv", (SIZE, SIZE)))
+    n_pos = 0
+    for rec in records:
+        _, masks = render_record(rec, SIZE, KW["seed"])
+        rles = labels[rec["image_id"]]
+        assert len(rles) == len(masks)
+        for rle, m in zip(rles, masks, strict=True):
+            assert np.array_equal(rle_decode(rle, (SIZE, SIZE)), m)
+        union = union_mask(rles, (SIZE, SIZE))
+        n_pos += bool(union.any())
+        name = f"{rec['index']}_{rec['split']}_{int(bool(masks))}_.png"
+        png_mask = cv2.imread(str(ds / "png_masks" / name), cv2.IMREAD_UNCHANGED)
+        assert png_mask.dtype == np.uint8 and set(np.unique(png_mask)) <= {0, 255}
+        assert np.array_equal(png_mask // 255, union)
+        png_img = cv2.imread(str(ds / "png_images" / name), cv2.IMREAD_UNCHANGED)
+        assert png_img.shape == (SIZE, SIZE)
+    assert n_pos >= 6
+
+
+def test_png_index_csvs(ds):
+    rows = _read_csv(ds / "stage_1_train_images.csv")
+    assert rows[0] == ["new_filename", "ImageId", "has_pneumo"]
+    labels = read_rle_csv(ds / "train-rle.csv", (SIZE, SIZE))
+    for name, image_id, has in rows[1:]:
+        assert (ds / "png_images" / name).is_file()
+        assert name.endswith(f"_train_{has}_.png")
+        assert int(has) == int(bool(labels[image_id]))
+    rows = _read_csv(ds / "stage_1_test_images.csv")
+    assert len(rows) == 7 and all(TEST_ID_RE.match(r[1]) for r in rows[1:])
+
+
+def test_dicoms(ds):
+    records = plan_dataset(KW["n_train"], KW["n_test"], KW["seed"], KW["positive_rate"])
+    by_id = {r["image_id"]: r for r in records}
+    paths = [*(ds / "dicom-images-train").rglob("*.dcm"), *(ds / "dicom-images-test").iterdir()]
+    for p in paths:
+        d = pydicom.dcmread(p)
+        assert d.file_meta.TransferSyntaxUID == JPEG_BASELINE
+        arr = d.pixel_array
+        assert arr.dtype == np.uint8 and arr.shape == (SIZE, SIZE)
+        assert (d.Rows, d.Columns) == (SIZE, SIZE)
+        assert d.Modality == "CR" and d.BodyPartExamined == "CHEST"
+        assert d.PhotometricInterpretation == "MONOCHROME2" and d.BitsStored == 8
+        assert d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert d.ViewPosition in ("PA", "AP") and d.SeriesDescription == f"view: {d.ViewPosition}"
+        assert d.PatientSex in ("M", "F") and str(d.PatientAge).isdigit()
+        assert d.LossyImageCompression == "01" and len(d.PixelSpacing) == 2
+        assert str(d.PatientName) == d.PatientID and len(d.PatientID) == 36
+        assert SOP_RE.match(d.SOPInstanceUID)
+        if p.parent.name == "dicom-images-test":
+            image_id = p.stem
+        else:
+            image_id = p.stem
+            assert d.SOPInstanceUID == p.stem
+            assert p.parent.name == d.SeriesInstanceUID
+            assert p.parent.parent.name == d.StudyInstanceUID
+        img, _ = render_record(by_id[image_id], SIZE, KW["seed"])
+        assert np.abs(arr.astype(int) - img).mean() < 3.0  # JPEG is lossy, but barely
+        pix, tags = read_dicom(p)  # the project's own reader
+        assert np.array_equal(pix, arr) and tags["ViewPosition"] == d.ViewPosition
+
+
+def test_uncompressed_dicoms(tmp_path):
+    out = tmp_path / "raw"
+    write_dataset(out, n_train=3, n_test=1, size=64, seed=1, jpeg=False, png=False)
+    assert not (out / "png_images").exists()
+    records = plan_dataset(3, 1, 1, 0.22)
+    for rec in records:
+        sub = "dicom-images-train" if rec["split"] == "train" else "dicom-images-test"
+        (p,) = list((out / sub).rglob(f"{rec['image_id']}.dcm"))
+        d = pydicom.dcmread(p)
+        assert d.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        assert np.array_equal(d.pixel_array, render_record(rec, 64, 1)[0])
+
+
+def test_patients(ds):
+    rows = _read_csv(ds / "nih_id.csv")
+    assert rows[0] == ["Kaggle_ID", "NIH_ID"]
+    train_ids = {p.stem for p in (ds / "dicom-images-train").rglob("*.dcm")}
+    assert {r[0] for r in rows[1:]} == train_ids
+    patients: dict[str, int] = {}
+    for _, nih in rows[1:]:
+        m = NIH_RE.match(nih)
+        assert m
+        patients[m.group(1)] = patients.get(m.group(1), 0) + 1
+    assert max(patients.values()) >= 2 and len(patients) < len(rows) - 1
+    # like the real data, the DICOM PatientID does not group patients
+    pids = [
+        pydicom.dcmread(p, stop_before_pixels=True).PatientID
+        for p in sorted((ds / "dicom-images-train").rglob("*.dcm"))
+    ]
+    assert len(set(pids)) == len(pids)
+
+
+def test_sample_submission(ds):
+    rows = _read_csv(ds / "stage_2_sample_submission.csv")
+    assert rows[0] == ["ImageId", "EncodedPixels"]
+    assert all(r[1] == "-1" for r in rows[1:])
+    assert {r[0] for r in rows[1:]} == {p.stem for p in (ds / "dicom-images-test").iterdir()}
+
+
+def test_deterministic(ds, tmp_path):
+    write_dataset(tmp_path / "same", **KW)
+    assert _hashes(tmp_path / "same") == _hashes(ds)
+    write_dataset(tmp_path / "other", **{**KW, "seed": 4})
+    other = _hashes(tmp_path / "other")
+    assert set(other.values()).isdisjoint(
+        v for k, v in _hashes(ds).items() if k.endswith((".dcm", "train-rle.csv"))
+    )
+
+
+def test_parallel_same_bytes(tmp_path):
+    kw = dict(n_train=6, n_test=2, size=64, seed=9, png=False)
+    write_dataset(tmp_path / "serial", workers=1, **kw)
+    write_dataset(tmp_path / "parallel", workers=2, **kw)
+    assert _hashes(tmp_path / "serial") == _hashes(tmp_path / "parallel")
+
+
+def test_positive_rate(tmp_path):
+    recs = plan_dataset(400, 100, 0, 0.22)
+    assert sum(r["positive"] for r in recs) == 88 + 22
+    s = write_dataset(tmp_path / "rate", n_train=200, n_test=0, size=64, seed=2, png=False)
+    assert 0.17 <= s["train"]["positive"] / 200 <= 0.27
+    s = write_dataset(tmp_path / "none", n_train=10, n_test=2, size=64, positive_rate=0.0)
+    assert s["train"]["positive"] == 0 and s["test"]["positive"] == 0
+
+
+def test_refuses_overwrite(tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        write_dataset(out, n_train=2, n_test=1, size=64)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    write_dataset(out, n_train=2, n_test=1, size=64, force=True)
+    write_dataset(out, n_train=3, n_test=1, size=64, force=True, png=False)  # rebuild
+    assert (out / "keep.txt").read_text() == "mine"  # only the generator's own outputs go
+    assert not (out / "png_images").exists()
+    assert len(list((out / "dicom-images-train").rglob("*.dcm"))) == 3
+
+
+def test_cli(tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "src/make_synthetic.py", "--out", str(out), "--n-train", "4"]
+    cmd += ["--n-test", "2", "--size", "64", "--seed", "1", "--no-png", "--workers", "1"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "train: 4 images" in r.stderr
+    assert len(list((out / "dicom-images-train").rglob("*.dcm"))) == 4
+    assert not (out / "png_images").exists()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--force" in r.stderr
+    r = subprocess.run([*cmd, "--force"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
