@@ -1,0 +1,318 @@
+"""Tune the post-processing on out-of-fold predictions -> ``runs/<exp>/postprocess.yaml``.
+
+    python src/oof_tune.py --config configs/demo.yaml [section.key=value ...] [--force]
+
+Reads every fold's OOF maps (``tune.folds``, or every ``runs/<exp>/fold<k>/`` with complete OOF
+files), searches the ``tune`` grids (threshold × min_area; triplet top_threshold × top_area ×
+bottom_threshold; each also with the aux-head gate when ``tune.cls_thresholds`` is set and the folds
+have ``oof_cls.npy``) for the best mean competition Dice over all OOF images, and writes:
+
+* ``postprocess.yaml``: the best setting (what predict.py applies); an existing file with other
+  content is kept unless ``--force``;
+* ``oof_report.csv``: per fold (and mean / std over folds, and pooled over all images) for the
+  all-empty baseline, the raw 0.5 threshold and the best setting of each method: mean Dice,
+  positive-only Dice, empty/non-empty accuracy, MMSeg-style mIoU / mDice;
+* ``oof_grid.csv``: the mean Dice of every setting searched;
+* ``oof_grid.png``: Dice heatmaps over threshold × min_area and top_threshold × top_area (at the
+  best bottom threshold), best cells marked.
+
+Areas in the grids and in postprocess.yaml are pixels at 1024²; they are scaled to the OOF size.
+The Dice of the chosen setting is recomputed from scratch with ``apply_postprocess`` on every OOF
+image and must match the search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("oof_tune")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", help="experiment YAML merged over configs/base.yaml")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.folds=[0,1]")
+    ap.add_argument("--force", action="store_true", help="overwrite a different postprocess.yaml")
+    ap.add_argument("--jobs", type=int, default=None, help="search threads (default: all cores)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return ap.parse_args(argv)
+
+
+def find_folds(exp_dir: Path, wanted) -> list[int]:
+    """``wanted`` folds (all must have OOF), or every fold<k> folder with complete OOF files."""
+    from pneumoseg.oof import has_oof
+
+    if wanted is not None:
+        folds = [int(k) for k in wanted]
+        missing = [k for k in folds if not has_oof(exp_dir / f"fold{k}")]
+        if missing:
+            raise FileNotFoundError(
+                f"tune.folds {folds}: no complete OOF predictions for fold(s) {missing} "
+                f"under {exp_dir}"
+            )
+        return folds
+    folds = []
+    for d in exp_dir.glob("fold*"):
+        m = re.fullmatch(r"fold(\d+)", d.name)
+        if m and d.is_dir() and has_oof(d):
+            folds.append(int(m.group(1)))
+    if not folds:
+        raise FileNotFoundError(
+            f"no fold folder with complete OOF predictions under {exp_dir}: train folds first"
+        )
+    return sorted(folds)
+
+
+def describe(params: dict) -> str:
+    gate = f", cls>={params['cls_threshold']:g}" if params.get("cls_threshold") is not None else ""
+    if params["method"] == "threshold":
+        return f"p>{params['threshold']:g}, min_area {params['min_area']:g}{gate}"
+    extra = f", min_area {params['min_area']:g}" if params.get("min_area") else ""
+    return (
+        f"top {params['top_threshold']:g}×{params['top_area']:g}px, "
+        f"bottom {params['bottom_threshold']:g}{extra}{gate}"
+    )
+
+
+def report_table(oofs, names, settings: dict, scale: float):
+    """Per-fold metrics of each named setting + mean/std over folds + pooled over all images."""
+    import pandas as pd
+
+    from pneumoseg.postprocess import evaluate_params
+
+    metrics = ["dice", "pos_dice", "empty_acc", "mIoU", "mDice"]
+    rows = []
+    for label, params in settings.items():
+        ev = evaluate_params(oofs, params, scale, names=names)
+        ev.insert(0, "setting", label)
+        ev.insert(1, "params", describe(params))
+        ev = ev.rename(columns={"source": "fold"})
+        rows.append(ev)
+        summary = {"setting": label, "params": describe(params)}
+        rows.append(pd.DataFrame([{**summary, "fold": "mean", **ev[metrics].mean().to_dict()}]))
+        rows.append(pd.DataFrame([{**summary, "fold": "std", **ev[metrics].std(ddof=0).to_dict()}]))
+        n = int(ev["n_images"].sum())
+        rows.append(
+            pd.DataFrame(
+                [
+                    {
+                        **summary,
+                        "fold": "all",
+                        "n_images": n,
+                        "dice": float(ev["dice_sum"].sum()) / n,
+                        "dice_sum": float(ev["dice_sum"].sum()),
+                    }
+                ]
+            )
+        )
+    table = pd.concat(rows, ignore_index=True)
+    cols = ["setting", "params", "fold", "n_images", *metrics, "ptx_IoU", "ptx_Dice", "dice_sum"]
+    table = table[cols]
+    table["n_images"] = table["n_images"].astype("Int64")
+    return table
+
+
+def plot_grid(results, best, path: Path, title: str) -> Path:
+    """Heatmaps: Dice over threshold × min_area, and top_threshold × top_area at the best triplet's
+    bottom threshold; the best cell of each marked."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from pneumoseg.visualize import save_figure
+
+    panels = []
+    gated = " (no gate)" if any(f.endswith("+gate") for f in best.index) else ""
+    if "threshold" in best.index:
+        sub = results[results["family"] == "threshold"]
+        grid = sub.pivot_table(index="threshold", columns="min_area", values="dice", sort=True)
+        b = best.loc["threshold"]
+        panels.append((grid, (b["threshold"], b["min_area"]), "threshold", "min_area (px @1024²)",
+                       f"threshold{gated}: best {describe(_params(b))}"))  # fmt: skip
+    if "triplet" in best.index:
+        b = best.loc["triplet"]
+        sub = results[(results["family"] == "triplet")]
+        sub = sub[sub["bottom_threshold"] == b["bottom_threshold"]]
+        grid = sub.pivot_table(index="top_threshold", columns="top_area", values="dice", sort=True)
+        panels.append((grid, (b["top_threshold"], b["top_area"]), "top_threshold",
+                       "top_area (px @1024²)", f"triplet{gated} at the best bottom threshold: best {describe(_params(b))}"))  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
+    for ax, (grid, (r, c), ylabel, xlabel, sub_title) in zip(axes[0], panels, strict=True):
+        vals = grid.to_numpy(dtype=float)
+        im = ax.imshow(vals, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(grid.shape[1]), [f"{v:g}" for v in grid.columns], rotation=45)
+        ax.set_yticks(range(grid.shape[0]), [f"{v:g}" for v in grid.index])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(sub_title, fontsize=9)
+        lo, hi = float(vals.min()), float(vals.max())
+        for i in range(vals.shape[0]):
+            for j in range(vals.shape[1]):
+                light = vals[i, j] < lo + 0.6 * (hi - lo)
+                ax.text(j, i, f"{vals[i, j]:.3f}", ha="center", va="center", fontsize=6.5,
+                        color="white" if light else "black")  # fmt: skip
+        i = list(grid.index).index(r)
+        j = list(grid.columns).index(c)
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
+        fig.colorbar(im, ax=ax, label="mean Dice (OOF)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _params(row) -> dict:
+    from pneumoseg.postprocess import row_params
+
+    return row_params(row.to_dict())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from pneumoseg.config import ConfigError, load_config
+    from pneumoseg.io import atomic_write
+    from pneumoseg.oof import load_oof
+    from pneumoseg.postprocess import (
+        ParamsError,
+        area_scale_for,
+        best_rows,
+        load_params,
+        params_yaml,
+        pick_best,
+        row_params,
+        search,
+        validate_params,
+    )
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    tune = cfg["tune"]
+    exp_dir = Path(cfg["train"]["out_dir"]) / cfg["exp"]
+    try:
+        folds = find_folds(exp_dir, tune["folds"])
+        oofs = [load_oof(exp_dir / f"fold{k}") for k in folds]
+    except (FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 1
+    names = [f"fold{k}" for k in folds]
+    sizes = {o.probs.shape[1:] for o in oofs}
+    if len(sizes) != 1:
+        log.error("folds have OOF maps of different sizes %s: re-run their OOF", sorted(sizes))
+        return 1
+    size = oofs[0].probs.shape[1]
+    scale = area_scale_for(size)
+    n_images = sum(len(o.ids) for o in oofs)
+    log.info(
+        "%s: folds %s, %d OOF images at %d² (areas × %.4g from 1024²)",
+        exp_dir, folds, n_images, size, scale,
+    )  # fmt: skip
+
+    t0 = time.perf_counter()
+    try:
+        results = search(oofs, tune, area_scale=scale, names=names, n_jobs=args.jobs)
+    except ParamsError as e:
+        log.error("tune grids: %s", e)
+        return 2
+    log.info("searched %d settings in %.1f s", len(results), time.perf_counter() - t0)
+    best = best_rows(results)
+    choice = pick_best(results)
+    chosen = row_params(choice.to_dict())
+
+    settings = {
+        "all-empty": {"method": "threshold", "threshold": 1.0, "min_area": 0},
+        "raw 0.5": {"method": "threshold", "threshold": 0.5, "min_area": 0},
+    }
+    for fam, row in best.iterrows():
+        settings[f"best {fam}"] = row_params(row.to_dict())
+    table = report_table(oofs, names, settings, scale)
+
+    # The chosen setting, recomputed from scratch with apply_postprocess, must match the search.
+    label = f"best {choice['family']}"
+    pooled = table[(table["setting"] == label) & (table["fold"] == "all")].iloc[0]
+    log.info(
+        "chosen setting (%s: %s): search Dice %.6f, recomputed with apply_postprocess %.6f",
+        choice["family"], describe(chosen), float(choice["dice"]), float(pooled["dice"]),
+    )  # fmt: skip
+    if abs(float(pooled["dice"]) - float(choice["dice"])) > 1e-9:
+        raise RuntimeError(
+            f"search Dice {float(choice['dice']):.9f} and recomputed Dice "
+            f"{float(pooled['dice']):.9f} of {describe(chosen)} differ: a bug in the fast search"
+        )
+
+    per_fold = [float(choice[f"dice_{n}"]) for n in names]
+    params = validate_params(
+        {
+            **chosen,
+            "oof_size": int(size),
+            "cv_dice": round(float(choice["dice"]), 6),
+            "cv_dice_std": round(float(choice["dice_std"]), 6),
+            "cv_dice_folds": [round(d, 6) for d in per_fold],
+            "folds": folds,
+            "n_images": n_images,
+            "exp": cfg["exp"],
+        }
+    )
+    out = exp_dir / "postprocess.yaml"
+    write_yaml = True
+    if out.exists():
+        try:
+            same = load_params(out) == params
+        except ParamsError:
+            same = False
+        if same:
+            log.info("%s is already up to date", out)
+            write_yaml = False
+        elif not args.force:
+            log.error(
+                "%s exists and differs from this tuning (%s): pass --force to overwrite",
+                out, describe(params),
+            )  # fmt: skip
+            return 1
+        else:
+            log.warning("overwriting %s (--force)", out)
+
+    with atomic_write(exp_dir / "oof_report.csv", "w") as fh:
+        table.to_csv(fh, index=False, float_format="%.6f")
+    with atomic_write(exp_dir / "oof_grid.csv", "w") as fh:
+        results.to_csv(fh, index=False, float_format="%.6f")
+    plot_grid(
+        results,
+        best,
+        exp_dir / "oof_grid.png",
+        f"{cfg['exp']}: OOF mean Dice, {n_images} images in folds {folds}",
+    )
+    if write_yaml:
+        with atomic_write(out, "w", encoding="utf-8") as fh:
+            fh.write(params_yaml(params))
+
+    summary = table[table["fold"].isin(["mean", "std"])].pivot_table(
+        index=["setting", "params"], columns="fold", values=["dice", "pos_dice", "empty_acc",
+                                                             "mIoU", "mDice"], sort=False
+    )  # fmt: skip
+    lines = []
+    for (setting, desc), r in summary.iterrows():
+        cells = "  ".join(
+            f"{m} {r[(m, 'mean')]:.4f}±{r[(m, 'std')]:.4f}"
+            for m in ("dice", "pos_dice", "empty_acc", "mIoU", "mDice")
+        )
+        lines.append(f"  {setting:20s} {desc:40s} {cells}")
+    log.info("mean ± std over folds %s:\n%s", folds, "\n".join(lines))
+    log.info(
+        "chose %s (%s): CV Dice %.4f ± %.4f -> %s",
+        choice["family"], describe(params), params["cv_dice"], params["cv_dice_std"], out,
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
