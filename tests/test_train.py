@@ -48,7 +48,16 @@ def test_train_one_fold_end_to_end(tiny_data):
         assert (out / name).is_file(), name
     log = pd.read_csv(out / "log.csv")
     assert log["epoch"].tolist() == [0, 1]
-    assert {"loss", "loss_bce", "loss_dice", "loss_focal", "lr", "dice", "pos_dice", "val_loss"} <= set(log)
+    assert {
+        "loss",
+        "loss_bce",
+        "loss_dice",
+        "loss_focal",
+        "lr",
+        "dice",
+        "pos_dice",
+        "val_loss",
+    } <= set(log)
     assert len(list((out / "checkpoints").glob("epoch*.pt"))) == 2  # top_k=2
     # model.pt: plain weights + config, loadable with weights_only=True, = mean of the top-k
     model = torch.load(out / "model.pt", weights_only=True)

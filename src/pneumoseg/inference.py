@@ -1,0 +1,356 @@
+"""Inference: the fold ensemble × batched test-time augmentation, and resizing back to original size.
+
+* :func:`load_models` finds ``<train.out_dir>/<exp>/fold*/model.pt`` (and ``full/model.pt``) for
+  every experiment of ``predict.experiments`` and builds each model from the config stored in its
+  own checkpoint, so models of different architectures, encoders and ``in_channels`` blend.
+  An experiment's weight is shared equally by its folds.
+* :func:`predict_probs` takes a batch of uint8 images at ``cache.size`` and returns the weighted
+  mean over models × TTA views of the sigmoid probabilities (and of the aux head's image-level
+  probability, over the models that have one). Each model normalises the batch for its own
+  ``in_channels``; every view of the batch goes through the model in one forward pass.
+* :func:`resize_to_original` resizes the probabilities back to each image's original size
+  (bilinear), on the device.
+
+TTA views (``predict.tta``): ``hflip``, ``vflip`` and scale factors (``0.875``); the views are the
+product {identity, hflip, vflip, hflip+vflip} × {1, scales}. A scaled view is the image resized by
+the factor (bilinear, antialiased when shrinking), padded (edge-replicated) to a multiple of 32 and
+at least the input size, predicted, cropped and resized back. Views that share a padded size share
+one forward pass: with scales ≤ 1 that is every view.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pneumoseg.data import _MEAN, _STD  # the training normalisation, applied on the device
+from pneumoseg.engine import autocast, load_torch
+from pneumoseg.models import build_model, split_output
+
+log = logging.getLogger(__name__)
+
+STRIDE = 32  # smp encoders need sides divisible by 32
+CPU_FORWARD = 4  # images per forward pass on CPU (the fastest on a 2-core box at 256²)
+_FOLD_RE = re.compile(r"^fold(\d+)$")
+
+
+class Member(NamedTuple):
+    """One model of the ensemble: the module (eval mode), its weight, its ``model`` config."""
+
+    model: nn.Module
+    weight: float
+    cfg: dict
+
+
+# ==================================================================================================
+# Loading
+# ==================================================================================================
+def experiment_list(cfg: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """``predict.experiments`` as ``[(exp, weight), ...]``; empty -> ``[(cfg.exp, 1.0)]``."""
+    raw = cfg["predict"].get("experiments") or []
+    out = []
+    for item in raw:
+        if isinstance(item, str):
+            name, weight = item, 1.0
+        elif isinstance(item, Sequence) and len(item) == 2:
+            name, weight = str(item[0]), float(item[1])
+        else:
+            raise ValueError(f"predict.experiments entries must be [exp, weight], got {item!r}")
+        if not weight > 0 or not math.isfinite(weight):
+            raise ValueError(f"predict.experiments: weight of {name!r} must be > 0, got {weight}")
+        out.append((name, weight))
+    return out or [(str(cfg["exp"]), 1.0)]
+
+
+def _fold_dirs(exp_dir: Path, folds) -> list[Path]:
+    """Run folders holding a ``model.pt``: ``folds`` None = every ``fold<k>`` (numeric order) and
+    ``full``; else the listed folds (ints; -1 or ``"full"`` = the all-data run)."""
+    if folds is None:
+        found = []
+        if exp_dir.is_dir():
+            for d in exp_dir.iterdir():
+                m = _FOLD_RE.match(d.name)
+                if m and (d / "model.pt").is_file():
+                    found.append((int(m.group(1)), d))
+        dirs = [d for _, d in sorted(found)]
+        if (exp_dir / "full" / "model.pt").is_file():
+            dirs.append(exp_dir / "full")
+        return dirs
+    if isinstance(folds, (int, str)):
+        folds = [folds]
+    dirs = []
+    for f in folds:
+        name = "full" if str(f) in ("-1", "full") else f"fold{int(f)}"
+        d = exp_dir / name
+        if not (d / "model.pt").is_file():
+            raise FileNotFoundError(
+                f"predict.folds asks for {name} but {d / 'model.pt'} does not exist; "
+                f"{_describe(exp_dir)}"
+            )
+        dirs.append(d)
+    return dirs
+
+
+def _describe(exp_dir: Path) -> str:
+    """What a run folder holds, for error messages."""
+    root = exp_dir.parent
+    if not exp_dir.is_dir():
+        names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        return f"{exp_dir} does not exist (experiments under {root}: {', '.join(names) or 'none'})"
+    parts = []
+    for d in sorted(p for p in exp_dir.iterdir() if p.is_dir()):
+        if (d / "model.pt").is_file():
+            parts.append(f"{d.name} (model.pt)")
+        elif (d / "last.pt").is_file():
+            parts.append(f"{d.name} (last.pt only: training unfinished)")
+        else:
+            parts.append(f"{d.name} (no weights)")
+    return f"{exp_dir} holds: {', '.join(parts) or 'nothing'}"
+
+
+def load_member(
+    path: str | Path, weight: float = 1.0, device="cpu", channels_last: bool = True
+) -> Member:
+    """Build the model a ``model.pt`` describes (its own ``config["model"]``) and load its weights
+    (in eval mode; ``channels_last`` memory format, faster on CPU and on GPU tensor cores)."""
+    ckpt = load_torch(path)
+    if "state_dict" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path}: not a pneumoseg model.pt (needs 'state_dict' and 'config')")
+    mcfg = dict(ckpt["config"]["model"])
+    mcfg["encoder_weights"] = None  # the checkpoint holds every weight: nothing to download
+    mcfg["encoder_weights_path"] = None
+    model = build_model(mcfg)
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return Member(model, float(weight), mcfg)
+
+
+def load_models(cfg: Mapping[str, Any], device="cpu", channels_last: bool = True) -> list[Member]:
+    """Every model of ``predict.experiments`` × ``predict.folds``, built from its checkpoint.
+
+    An experiment's weight is divided equally among its folds, so that a blend ``[[a, 0.6],
+    [b, 0.4]]`` weighs the experiments 60/40 whatever their number of folds.
+    """
+    out_dir = Path(str(cfg["train"]["out_dir"]))
+    folds = cfg["predict"].get("folds")
+    members: list[Member] = []
+    for exp, weight in experiment_list(cfg):
+        exp_dir = out_dir / exp
+        dirs = _fold_dirs(exp_dir, folds)
+        if not dirs:
+            raise FileNotFoundError(
+                f"no trained model for experiment {exp!r}: no {exp_dir}/fold*/model.pt or "
+                f"full/model.pt; {_describe(exp_dir)}. Train it with src/train.py first."
+            )
+        for d in dirs:
+            m = load_member(d / "model.pt", weight / len(dirs), device, channels_last)
+            log.info(
+                "model %s: %s/%s, in_channels=%s, aux_head=%s, weight %.3f",
+                d / "model.pt",
+                m.cfg.get("arch"),
+                m.cfg.get("encoder"),
+                m.cfg.get("in_channels", 3),
+                bool(m.cfg.get("aux_head")),
+                m.weight,
+            )
+            members.append(m)
+    return members
+
+
+# ==================================================================================================
+# TTA
+# ==================================================================================================
+def parse_tta(tta) -> tuple[bool, bool, list[float]]:
+    """``[hflip, vflip, 0.875, ...]`` -> (hflip, vflip, extra scale factors)."""
+    hflip = vflip = False
+    scales: list[float] = []
+    for t in tta or []:
+        if isinstance(t, str) and t.lower() in ("hflip", "vflip"):
+            hflip |= t.lower() == "hflip"
+            vflip |= t.lower() == "vflip"
+            continue
+        try:
+            s = float(t)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"predict.tta: unknown view {t!r}; valid: hflip, vflip, or a scale like 0.875"
+            ) from None
+        if not 0.25 <= s <= 4:
+            raise ValueError(f"predict.tta: scale {s} out of range [0.25, 4]")
+        if s != 1.0 and s not in scales:
+            scales.append(s)
+    return hflip, vflip, scales
+
+
+def _flips(hflip: bool, vflip: bool) -> list[tuple[int, ...]]:
+    dims = [()]
+    if hflip:
+        dims.append((-1,))
+    if vflip:
+        dims.append((-2,))
+    if hflip and vflip:
+        dims.append((-2, -1))
+    return dims
+
+
+def _ceil(n: int, k: int = STRIDE) -> int:
+    return -(-n // k) * k
+
+
+def _view_plan(size: tuple[int, int], scales: list[float]) -> dict[tuple[int, int], list]:
+    """``{canvas (H, W): [(scale, (h, w) scaled size), ...]}``: views grouped by padded size."""
+    h, w = size
+    plan: dict[tuple[int, int], list] = {}
+    for s in [1.0, *scales]:
+        sh, sw = (h, w) if s == 1.0 else (max(1, round(h * s)), max(1, round(w * s)))
+        canvas = (_ceil(max(h, sh)), _ceil(max(w, sw)))
+        plan.setdefault(canvas, []).append((s, (sh, sw)))
+    return plan
+
+
+def _normalize(x: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """uint8 (N, H, W) on the device -> (N, C, H, W) float, as ``pneumoseg.data.normalize``."""
+    x = x.float().div_(255.0).unsqueeze(1)
+    if in_channels == 3:
+        mean = torch.tensor(_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(_STD, device=x.device).view(1, 3, 1, 1)
+        return (x.expand(-1, 3, -1, -1) - mean) / std
+    if in_channels != 1:
+        raise ValueError(f"model.in_channels must be 1 or 3, got {in_channels}")
+    return (x - float(np.mean(_MEAN))) / float(np.mean(_STD))
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+@torch.inference_mode()
+def predict_probs(
+    members: Sequence[Member] | Sequence[tuple],
+    images,
+    tta=("hflip",),
+    device=None,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = True,
+    max_forward: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weighted mean of sigmoid probabilities over ``members`` × TTA views.
+
+    ``images``: uint8 (N, H, W) numpy array or tensor (H, W = the models' input size, usually
+    ``cache.size``). Returns ``(probs (N, H, W) float32, cls (N,) float32 or None)`` on ``device``;
+    ``cls`` is the weighted mean of the aux heads' probabilities over the models that have one.
+    ``channels_last``: feed the models NHWC tensors (pair with models converted by
+    :func:`load_member`). ``max_forward``: most images per forward pass; None = all views of the
+    batch at once on GPUs, :data:`CPU_FORWARD` on CPUs (where big batches fall out of the caches
+    and run slower per image: see ``benchmarks/bench_predict.py``).
+    """
+    if not members:
+        raise ValueError("predict_probs: no models")
+    if device is None:
+        device = next(members[0][0].parameters()).device
+    device = torch.device(device)
+    x8 = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    if x8.ndim == 2:
+        x8 = x8[None]
+    if x8.ndim != 3:
+        raise ValueError(f"images must be (N, H, W) uint8, got shape {tuple(x8.shape)}")
+    x8 = x8.to(device, non_blocking=True)
+    n, h, w = x8.shape
+    hflip, vflip, scales = parse_tta(tta)
+    flips = _flips(hflip, vflip)
+    plan = _view_plan((h, w), scales)
+    n_views = len(flips) * (1 + len(scales))
+    if max_forward is None:
+        max_forward = CPU_FORWARD if device.type == "cpu" else 0
+    chunk = int(max_forward) if max_forward and max_forward > 0 else 0
+
+    total = torch.zeros((n, 1, h, w), dtype=torch.float32, device=device)
+    cls_total = torch.zeros((n, 1), dtype=torch.float32, device=device)
+    weight_sum = cls_weight = 0.0
+    normalized: dict[int, torch.Tensor] = {}
+    for member in members:
+        model, weight = member[0], float(member[1])
+        in_ch = int(member[2].get("in_channels", 3))
+        if in_ch not in normalized:
+            normalized[in_ch] = _normalize(x8, in_ch)
+        x = normalized[in_ch]
+        acc = torch.zeros_like(total)
+        cls_acc = None
+        for canvas, views in plan.items():
+            batch = []
+            for _scale, sz in views:
+                xs = _resize(x, sz)
+                pad = (0, canvas[1] - sz[1], 0, canvas[0] - sz[0])
+                if any(pad):
+                    xs = F.pad(xs, pad, mode="replicate")
+                batch.extend(xs.flip(d) if d else xs for d in flips)
+            inp = torch.cat(batch)
+            if channels_last:
+                inp = inp.contiguous(memory_format=torch.channels_last)
+            logits, cls = _forward(model, inp, chunk, device, dtype)
+            probs = torch.sigmoid(logits.float())
+            k = 0
+            for _scale, sz in views:
+                for d in flips:
+                    p = probs[k * n : (k + 1) * n]
+                    p = p.flip(d) if d else p
+                    acc += _resize(p[..., : sz[0], : sz[1]], (h, w))
+                    k += 1
+            if cls is not None:
+                c = torch.sigmoid(cls.float()).view(-1, n, 1).sum(0)
+                cls_acc = c if cls_acc is None else cls_acc + c
+        total += acc * (weight / n_views)
+        weight_sum += weight
+        if cls_acc is not None:
+            cls_total += cls_acc * (weight / n_views)
+            cls_weight += weight
+    probs = (total / weight_sum).squeeze(1).clamp_(0, 1)
+    cls_p = (cls_total / cls_weight).squeeze(1) if cls_weight > 0 else None
+    return probs, cls_p
+
+
+def _forward(model, inp: torch.Tensor, chunk: int, device, dtype):
+    """``split_output(model(inp))``, in pieces of at most ``chunk`` images (0 = one piece)."""
+    pieces = [inp] if not chunk or inp.shape[0] <= chunk else inp.split(chunk)
+    outs = []
+    for piece in pieces:
+        with autocast(device, dtype):
+            outs.append(split_output(model(piece)))
+    if len(outs) == 1:
+        return outs[0]
+    logits = torch.cat([o[0] for o in outs])
+    cls = None if outs[0][1] is None else torch.cat([o[1] for o in outs])
+    return logits, cls
+
+
+def resize_to_original(probs: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """(N, S, S) probabilities -> a float32 (h, w) numpy array per image (bilinear), resized on
+    the tensor's device, images of the same size together."""
+    if len(sizes) != probs.shape[0]:
+        raise ValueError(f"{probs.shape[0]} probability maps but {len(sizes)} sizes")
+    out: list[np.ndarray | None] = [None] * len(sizes)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(sizes):
+        groups.setdefault((int(s[0]), int(s[1])), []).append(i)
+    for size, idx in groups.items():
+        p = probs[idx].unsqueeze(1)
+        if tuple(p.shape[-2:]) != size:
+            p = F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+        arr = p.squeeze(1).clamp_(0, 1).float().cpu().numpy()
+        for j, i in enumerate(idx):
+            out[i] = arr[j]
+    return out  # type: ignore[return-value]

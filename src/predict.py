@@ -1,0 +1,320 @@
+"""Predict with the fold ensemble: a Kaggle submission for the test set, or overlays of single images.
+
+    python src/predict.py --config configs/demo.yaml --submission [--sample sample.csv]
+                          [--rle absolute] [--force] [--allow-missing] [section.key=value ...]
+    python src/predict.py --config configs/demo.yaml --image x.dcm [--image y.png ...] [--overlay out/]
+
+``--submission``: builds (or reuses) the test cache, loads every model of ``predict.experiments`` ×
+``predict.folds``, predicts in batches with the ``predict.tta`` views, resizes the probabilities to
+each image's original size, applies ``<train.out_dir>/<exp>/postprocess.yaml`` (written by
+``oof_tune.py``; for a blend, the first experiment's; if missing: plain threshold 0.5, with a
+warning), RLE-encodes, and writes ``<predict.out_dir>/<exp>.csv`` atomically. With a sample
+submission (``--sample``, else ``data.root/data.sample_submission`` when it exists) the file has
+exactly the sample's ids in its order; sample ids without an image are an error (``--allow-missing``
+or ``predict.allow_missing``: written as -1 with a warning). The written file is then validated;
+when the test set has truth (``data.test_rle_csv``, e.g. the synthetic data) it is also scored.
+
+``--image``: reads each DICOM/PNG, predicts, prints ``ImageId,EncodedPixels`` rows (ImageId = file
+stem) to stdout and, with ``--overlay DIR``, writes ``DIR/<stem>.png``: the image with the mask,
+a box and mean probability per component, and the image-level probability.
+
+Exit status: 0 ok, 1 errors (missing ids or models, invalid submission), 2 bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pneumoseg  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations loads)
+
+log = logging.getLogger("pneumoseg.predict")
+
+DEFAULT_PARAMS = {"method": "threshold", "threshold": 0.5, "min_area": 0}
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    ap.add_argument("--config", default="configs/base.yaml", help="experiment YAML")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--submission", action="store_true", help="predict the test set -> CSV")
+    mode.add_argument(
+        "--image", action="append", type=Path, help="a DICOM/PNG to predict (repeatable)"
+    )
+    ap.add_argument("--overlay", type=Path, help="--image: folder for the overlay PNGs")
+    ap.add_argument("--sample", type=Path, help="sample submission whose ids the CSV must hold")
+    ap.add_argument("--rle", choices=["relative", "absolute"], help="RLE form (predict.rle)")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing submission")
+    ap.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="sample ids without an image are written as -1 (predict.allow_missing)",
+    )
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. predict.tta=[hflip]")
+    args = ap.parse_intermixed_args(argv)  # options may follow the overrides
+    if args.overlay is not None and not args.image:
+        ap.error("--overlay goes with --image")
+    return args
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# ==================================================================================================
+# shared pieces
+# ==================================================================================================
+def postprocess_params(cfg: dict) -> dict:
+    """The tuned post-processing of the (first) experiment, or threshold 0.5 with a warning."""
+    from pneumoseg.inference import experiment_list
+    from pneumoseg.postprocess import load_params
+
+    exp = experiment_list(cfg)[0][0]
+    path = Path(str(cfg["train"]["out_dir"])) / exp / "postprocess.yaml"
+    if path.is_file():
+        params = load_params(path)
+        log.info("post-processing from %s: %s", path, params)
+        return params
+    log.warning(
+        "%s not found (run src/oof_tune.py to tune it): using a plain threshold of 0.5 without "
+        "component filtering",
+        path,
+    )
+    return dict(DEFAULT_PARAMS)
+
+
+class Predictor:
+    """The ensemble plus everything needed to turn images at ``cache.size`` into RLEs."""
+
+    def __init__(self, cfg: dict, relative: bool):
+        from pneumoseg import engine
+        from pneumoseg.inference import load_models, parse_tta
+
+        self.cfg = cfg
+        self.device = engine.get_device(cfg["train"]["device"])
+        self.dtype = engine.amp_dtype(self.device, cfg["train"]["amp"])
+        self.tta = list(cfg["predict"]["tta"] or [])
+        parse_tta(self.tta)  # fail on a bad view before loading anything
+        self.members = load_models(cfg, self.device)
+        self.params = postprocess_params(cfg)
+        self.relative = relative
+        self.batch_size = max(1, int(cfg["predict"]["batch_size"]))
+        log.info(
+            "%d model(s), TTA %s, batch %d, device %s",
+            len(self.members),
+            self.tta or "none",
+            self.batch_size,
+            self.device,
+        )
+
+    def probs(self, images, sizes):
+        """uint8 (N, S, S) -> (list of float32 probabilities at ``sizes``, cls (N,) or None)."""
+        from pneumoseg.inference import predict_probs, resize_to_original
+
+        p, cls = predict_probs(self.members, images, self.tta, self.device, self.dtype)
+        full = resize_to_original(p, sizes)
+        return full, (None if cls is None else cls.float().cpu().numpy())
+
+    def finish(self, prob, cls_prob):
+        """Probabilities at original size -> (mask, rle)."""
+        from pneumoseg.postprocess import apply_postprocess, area_scale_for
+        from pneumoseg.rle import rle_encode
+
+        h, w = prob.shape
+        mask = apply_postprocess(prob, self.params, area_scale_for((h * w) ** 0.5), cls_prob)
+        return mask, rle_encode(mask, relative=self.relative)
+
+
+def find_sample(cfg: dict, given: Path | None) -> Path | None:
+    if given is not None:
+        if not given.is_file():
+            raise FileNotFoundError(f"--sample {given}: no such file")
+        return given
+    name = cfg["data"].get("sample_submission")
+    if name:
+        path = Path(str(cfg["data"]["root"])) / str(name)
+        if path.is_file():
+            return path
+        log.info("no sample submission at %s: one row per test image", path)
+    return None
+
+
+# ==================================================================================================
+# --submission
+# ==================================================================================================
+def run_submission(cfg: dict, args) -> Path:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from pneumoseg.cache import FAILED, build_cache
+    from pneumoseg.submission import (
+        read_sample_ids,
+        score_submission,
+        validate_submission,
+        write_submission,
+    )
+
+    out = Path(str(cfg["predict"]["out_dir"])) / f"{cfg['exp']}.csv"
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    relative = (args.rle or cfg["predict"]["rle"]) == "relative"
+    allow_missing = bool(args.allow_missing or cfg["predict"]["allow_missing"])
+
+    cache = build_cache(cfg, "test")
+    man = cache.manifest
+    ok = cache.done != FAILED
+    if not ok.all():
+        log.warning("%d test image(s) failed to decode: %s", int((~ok).sum()), cache.failed_ids[:5])
+    index = {i: k for k, i in enumerate(man["id"].astype(str)) if ok[k]}
+    sizes = {str(r.id): (int(r.height), int(r.width)) for r in man.itertuples()}
+
+    sample = find_sample(cfg, args.sample)
+    if sample is not None:
+        ids = read_sample_ids(sample)
+        missing = [i for i in ids if i not in index]
+        extra = sorted(set(index) - set(ids))
+        if extra:
+            log.warning(
+                "%d test image(s) not in %s left out, e.g. %s", len(extra), sample, extra[:5]
+            )
+        if missing:
+            text = (
+                f"{len(missing)} of {len(ids)} id(s) of {sample} have no (readable) test image, "
+                f"e.g. {', '.join(missing[:10])}"
+            )
+            if not allow_missing:
+                raise LookupError(
+                    f"{text}. Point data.root/data.test_images at the full test set, or pass "
+                    "--allow-missing to write them as -1"
+                )
+            log.warning("%s: written as -1 (--allow-missing)", text)
+        log.info("sample submission %s: %d id(s)", sample, len(ids))
+    else:
+        ids, missing = list(index), []
+    todo = [i for i in ids if i in index]
+
+    predictor = Predictor(cfg, relative)
+    rles: dict[str, str] = {}
+    pending: deque = deque()
+    n_pos = 0
+    bs = predictor.batch_size
+    with (
+        ThreadPoolExecutor(max_workers=2) as pool,
+        tqdm(total=len(todo), desc="predict", unit="img", disable=args.quiet or None) as bar,
+    ):
+        for start in range(0, len(todo), bs):
+            chunk = todo[start : start + bs]
+            rows = np.array([index[i] for i in chunk])
+            order = np.argsort(rows)  # memmap reads in file order
+            images = np.empty((len(chunk), cache.size, cache.size), dtype=np.uint8)
+            images[order] = cache.images[rows[order]]
+            probs, cls = predictor.probs(images, [sizes[i] for i in chunk])
+            for j, image_id in enumerate(chunk):
+                c = None if cls is None else float(cls[j])
+                pending.append((image_id, pool.submit(predictor.finish, probs[j], c)))
+            while len(pending) > 2 * bs:  # bounded memory: post-process while predicting
+                image_id, fut = pending.popleft()
+                rles[image_id] = fut.result()[1]
+            bar.update(len(chunk))
+        for image_id, fut in pending:
+            rles[image_id] = fut.result()[1]
+    n_pos = sum(r != "-1" for r in rles.values())
+    log.info("%d/%d image(s) predicted positive", n_pos, len(rles))
+
+    write_submission(((i, rles.get(i, "-1")) for i in ids), out, force=args.force)
+    problems = validate_submission(out, ids if sample is not None else None, sizes, relative)
+    if problems:
+        raise ValueError(f"{out}: the written submission is invalid:\n  " + "\n  ".join(problems))
+    log.info("%s: %d row(s), valid%s", out, len(ids), f" against {sample}" if sample else "")
+
+    truth = cfg["data"].get("test_rle_csv")
+    truth_path = Path(str(cfg["data"]["root"])) / str(truth) if truth else None
+    if truth_path is not None and truth_path.is_file() and relative:
+        if missing:
+            log.warning("not scoring: %d sample id(s) had no image", len(missing))
+        else:
+            s = score_submission(out, truth_path, sizes, relative)
+            log.info(
+                "score against %s: mean Dice %.4f, positive Dice %.4f (%d images, %d positive, "
+                "%d predicted positive)",
+                truth_path,
+                s["dice"],
+                s["pos_dice"],
+                s["n"],
+                s["n_pos"],
+                s["n_pred_pos"],
+            )
+    return out
+
+
+# ==================================================================================================
+# --image
+# ==================================================================================================
+def run_images(cfg: dict, args) -> list[tuple[str, str]]:
+    import numpy as np
+
+    from pneumoseg.cache import resize_image
+    from pneumoseg.io import read_image
+    from pneumoseg.visualize import overlay, save_rgb
+
+    relative = (args.rle or cfg["predict"]["rle"]) == "relative"
+    size = int(cfg["cache"]["size"])
+    predictor = Predictor(cfg, relative)
+    out_rows = []
+    print("ImageId,EncodedPixels", flush=True)
+    paths = list(args.image)
+    for start in range(0, len(paths), predictor.batch_size):
+        chunk = paths[start : start + predictor.batch_size]
+        originals = [read_image(p) for p in chunk]
+        small = np.stack([resize_image(im, size) for im in originals])
+        probs, cls = predictor.probs(small, [im.shape for im in originals])
+        for j, path in enumerate(chunk):
+            c = None if cls is None else float(cls[j])
+            mask, rle = predictor.finish(probs[j], c)
+            image_id = path.stem
+            print(f"{image_id},{rle}", flush=True)
+            out_rows.append((image_id, rle))
+            if args.overlay is not None:
+                prob = float(probs[j].max()) if c is None else c
+                pic = overlay(originals[j], probs[j], mask, title=image_id, image_prob=prob)
+                dest = save_rgb(pic, args.overlay / f"{image_id}.png")
+                log.info("%s: %d positive pixel(s), p=%.3f -> %s", path, mask.sum(), prob, dest)
+    return out_rows
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
+    setup_logging()
+    from pneumoseg.cache import CacheError
+    from pneumoseg.config import ConfigError, load_config, log_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    log_config(cfg)
+    try:
+        if args.submission:
+            run_submission(cfg, args)
+        else:
+            run_images(cfg, args)
+    except (FileExistsError, FileNotFoundError, LookupError, CacheError, ValueError) as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
