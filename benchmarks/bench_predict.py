@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pneumoseg.data import normalize
+from pneumoseg.engine import inference_dtype
 from pneumoseg.inference import Member, parse_tta, predict_probs
 from pneumoseg.models import build_model, split_output
 
@@ -91,6 +92,12 @@ def main(argv=None):
     a = predict_probs(fast, images[:2], args.tta, device)[0]
     b = naive(members, images[:2], args.tta, device)
     err = float((a - b).abs().max())
+    # What predict.py uses by default (predict.amp=auto): bf16 autocast on CUDA and on CPUs with
+    # native bf16; None (fp32) elsewhere, then that row equals "default (NHWC)".
+    auto = inference_dtype(device, "auto")
+    c = predict_probs(fast, images[:2], args.tta, device, auto)[0]
+    err_auto = float((c - b).abs().max())
+    agree = float(((c > 0.5) == (b > 0.5)).float().mean())
     runs = {
         "naive loop": lambda: naive(members, images, args.tta, device),
         "1 fwd/model, NCHW": lambda: predict_probs(
@@ -98,6 +105,9 @@ def main(argv=None):
         ),
         "1 fwd/model, NHWC": lambda: predict_probs(fast, images, args.tta, device, max_forward=0),
         "default (NHWC)": lambda: predict_probs(fast, images, args.tta, device),
+        f"amp=auto ({str(auto).replace('torch.', '') if auto else 'fp32'})": lambda: predict_probs(
+            fast, images, args.tta, device, auto
+        ),
     }
     warm = images[:2]
     naive(members, warm, args.tta, device)
@@ -119,10 +129,14 @@ def main(argv=None):
         f"({', '.join(args.tta) or 'none'}), batch {args.batch}, {args.size}², {device}, "
         f"{torch.get_num_threads()} threads; max |batched - naive| = {err:.1e}"
     )
-    print(f"{'method':<20}{'images/s':>10}{'speed-up':>10}   (best of {args.repeats})")
+    print(
+        f"amp=auto vs fp32 naive: max |Δp| = {err_auto:.1e}, "
+        f"pixels on the same side of 0.5: {100 * agree:.3f}%"
+    )
+    print(f"{'method':<24}{'images/s':>10}{'speed-up':>10}   (best of {args.repeats})")
     base = results["naive loop"]
     for name, ips in results.items():
-        print(f"{name:<20}{ips:>10.2f}{ips / base:>9.2f}x")
+        print(f"{name:<24}{ips:>10.2f}{ips / base:>9.2f}x")
 
 
 if __name__ == "__main__":

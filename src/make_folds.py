@@ -17,25 +17,20 @@ import logging
 import sys
 from pathlib import Path
 
+from pneumoseg.cli import config_from_args, make_parser, setup_logging
+
 log = logging.getLogger("make_folds")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--config", help="experiment YAML merged over configs/base.yaml")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. folds.n_folds=4")
+    ap = make_parser(__doc__, "folds.n_folds=4")
     ap.add_argument("--force", action="store_true", help="overwrite a different folds file")
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    from pneumoseg.config import ConfigError, load_config
+    setup_logging(args.verbose)
     from pneumoseg.folds import (
         FoldsError,
         fold_report,
@@ -46,10 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         write_folds,
     )
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        log.error("%s", e)
+    cfg = config_from_args(args, log)
+    if cfg is None:
         return 2
     fcfg, dcfg = cfg["folds"], cfg["data"]
     out = Path(fcfg["file"])

@@ -30,16 +30,15 @@ import sys
 import time
 from pathlib import Path
 
+from pneumoseg.cli import config_from_args, make_parser, setup_logging
+
 log = logging.getLogger("oof_tune")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--config", help="experiment YAML merged over configs/base.yaml")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.folds=[0,1]")
+    ap = make_parser(__doc__, "tune.folds=[0,1]")
     ap.add_argument("--force", action="store_true", help="overwrite a different postprocess.yaml")
     ap.add_argument("--jobs", type=int, default=None, help="search threads (default: all cores)")
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap.parse_args(argv)
 
 
@@ -172,11 +171,7 @@ def _params(row) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    from pneumoseg.config import ConfigError, load_config
+    setup_logging(args.verbose)
     from pneumoseg.io import atomic_write
     from pneumoseg.oof import load_oof
     from pneumoseg.postprocess import (
@@ -191,10 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         validate_params,
     )
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        log.error("%s", e)
+    cfg = config_from_args(args, log)
+    if cfg is None:
         return 2
     tune = cfg["tune"]
     exp_dir = Path(cfg["train"]["out_dir"]) / cfg["exp"]

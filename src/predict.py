@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pneumoseg  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations loads)
+from pneumoseg.cli import config_from_args, setup_logging
 
 log = logging.getLogger("pneumoseg.predict")
 
@@ -64,14 +65,6 @@ def get_args(argv=None):
     return args
 
 
-def setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 # ==================================================================================================
 # shared pieces
 # ==================================================================================================
@@ -103,7 +96,7 @@ class Predictor:
 
         self.cfg = cfg
         self.device = engine.get_device(cfg["train"]["device"])
-        self.dtype = engine.amp_dtype(self.device, cfg["train"]["amp"])
+        self.dtype = engine.inference_dtype(self.device, cfg["predict"]["amp"])
         self.tta = list(cfg["predict"]["tta"] or [])
         parse_tta(self.tta)  # fail on a bad view before loading anything
         self.members = load_models(cfg, self.device)
@@ -297,12 +290,10 @@ def main(argv=None) -> int:
     args = get_args(argv)
     setup_logging()
     from pneumoseg.cache import CacheError
-    from pneumoseg.config import ConfigError, load_config, log_config
+    from pneumoseg.config import log_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        log.error("%s", e)
+    cfg = config_from_args(args, log)
+    if cfg is None:
         return 2
     log_config(cfg)
     try:

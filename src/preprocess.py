@@ -16,32 +16,25 @@ import logging
 import sys
 import time
 
+from pneumoseg.cli import config_from_args, make_parser, setup_logging
+
 log = logging.getLogger("preprocess")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--config", help="experiment YAML merged over configs/base.yaml")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cache.size=256")
+    ap = make_parser(__doc__, "cache.size=256")
     ap.add_argument("--split", choices=["train", "test", "all"], default="train")
     ap.add_argument("--force", action="store_true", help="rebuild the cache from scratch")
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose)
     from pneumoseg.cache import CacheError, build_cache
-    from pneumoseg.config import ConfigError, load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        log.error("%s", e)
+    cfg = config_from_args(args, log)
+    if cfg is None:
         return 2
     splits = ["train", "test"] if args.split == "all" else [args.split]
     for split in splits:

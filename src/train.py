@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pneumoseg  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations loads)
+from pneumoseg.cli import setup_logging
 
 log = logging.getLogger("pneumoseg.train")
 
@@ -35,18 +35,6 @@ def get_args(argv=None):
 
 def run_dir(cfg: dict, fold: int) -> Path:
     return Path(cfg["train"]["out_dir"]) / cfg["exp"] / ("full" if fold < 0 else f"fold{fold}")
-
-
-def setup_logging(folder: Path | None, is_main: bool) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if folder is not None and is_main:
-        handlers.append(logging.FileHandler(folder / "train.log"))
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=handlers,
-        force=True,
-    )
 
 
 def split_indices(cfg: dict, manifest, fold: int):
@@ -159,7 +147,7 @@ def main(args):
             shutil.move(str(out), str(backup))
         out.mkdir(parents=True, exist_ok=True)
     engine.barrier(d)
-    setup_logging(out, d.is_main)
+    setup_logging(logfile=out / "train.log" if d.is_main else None, quiet=not d.is_main)
     log_config(cfg)
     if d.is_main:
         save_config(cfg, out / "config.yaml")

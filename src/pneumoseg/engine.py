@@ -52,6 +52,25 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     raise ValueError(f"train.amp must be auto, bf16, fp16 or none, got {amp!r}")
 
 
+def inference_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """Autocast dtype for prediction. ``auto``: bf16 on CUDA (fp16 where bf16 is missing) and on
+    CPUs with native bf16 (AVX512-BF16/AMX: ~2× faster than fp32, probabilities within ~0.02);
+    ``none``: fp32 everywhere."""
+    if amp == "none" or device.type == "mps":
+        return None
+    if device.type == "cpu":
+        if amp == "fp16":
+            raise ValueError("predict.amp=fp16 needs CUDA; use bf16 or none on a CPU")
+        native = (
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+        if amp == "bf16" or (amp == "auto" and native):
+            return torch.bfloat16
+        if amp == "auto":
+            return None
+    return amp_dtype(device, amp)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
