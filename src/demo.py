@@ -7,7 +7,8 @@ summary (CV Dice per fold, the tuned post-processing, submission Dice, wall time
 
 Re-running continues where it stopped: the dataset, cache and folds are reused, finished folds are
 skipped and an interrupted fold resumes from its ``last.pt``. ``--fresh`` removes the demo's
-outputs first (the outputs of ``make demo`` only; nothing else).
+outputs first (the outputs of ``make demo`` only; nothing else). Subprocesses run only this
+repository's own scripts, with ``sys.executable`` and a fixed argv (hence the ``nosec`` marks).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import subprocess  # nosec B404 - runs this repository's own scripts with sys.executable
+import subprocess  # nosec B404
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ def run(stage: str, script: str, *args: str, timings: dict) -> None:
     cmd = [sys.executable, str(REPO / "src" / f"{script}.py"), *args]
     log.info("==> %s: %s", stage, " ".join(["python", f"src/{script}.py", *args]))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, check=False)  # nosec B603 - fixed argv, no shell
+    proc = subprocess.run(cmd, cwd=REPO, check=False)  # nosec B603
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(
