@@ -30,6 +30,7 @@ def plot_curves(log: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     if "val_loss" in log and log["val_loss"].notna().any():
         ax.plot(ep, log["val_loss"], "o-", label="val loss")
     ax.set_xlabel("epoch")
+    ax.set_yscale("log")  # early validation losses are often 10x the rest
     ax.set_title("loss")
     ax.legend()
     ax = axes[1]
