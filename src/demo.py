@@ -118,6 +118,7 @@ def summary(cfg: dict, root: Path, runs: Path, sub: Path, timings: dict) -> None
     import pandas as pd
     import yaml
 
+    from pneumoseg.postprocess import PARAM_KEYS
     from pneumoseg.rle import read_rle_csv
     from pneumoseg.submission import score_submission
 
@@ -140,16 +141,7 @@ def summary(cfg: dict, root: Path, runs: Path, sub: Path, timings: dict) -> None
     lines = ["", "=" * 72, "pneumoseg demo: summary", "=" * 72]
     lines.append("Out-of-fold mean Dice per fold (all-empty = predict nothing anywhere):")
     lines.append(table.to_string(float_format=lambda v: f"{v:.4f}"))
-    keys = (
-        "method",
-        "threshold",
-        "min_area",
-        "top_threshold",
-        "top_area",
-        "bottom_threshold",
-        "cls_threshold",
-        "cv_dice",
-    )
+    keys = (*PARAM_KEYS, "cv_dice")
     setting = ", ".join(f"{k}={params[k]}" for k in keys if params.get(k) is not None)
     lines.append(f"Tuned post-processing ({runs.relative_to(REPO)}/postprocess.yaml): {setting}")
     lines.append(

@@ -22,6 +22,8 @@ from pneumoseg.folds import (
     write_folds,
 )
 
+from conftest import run_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -317,19 +319,20 @@ def test_cli_make(tmp_path, monkeypatch, caplog):
 
 def test_cli_on_synthetic_set(tmp_path):
     """End to end through the real manifest builder, grouped by the synthetic NIH patient map."""
-    script = REPO / "src" / "make_synthetic.py"
-    if not script.is_file():
-        pytest.skip("src/make_synthetic.py does not exist yet")
     data = tmp_path / "syn"
-    args = ["--out", data, "--n-train", 80, "--n-test", 2, "--size", 64, "--seed", 1]
-    r = subprocess.run(
-        [sys.executable, str(script), *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_script(
+        "make_synthetic",
+        "--out",
+        str(data),
+        "--n-train",
+        "80",
+        "--n-test",
+        "2",
+        "--size",
+        "64",
+        "--seed",
+        "1",
     )
-    assert r.returncode == 0, r.stderr
     out = tmp_path / "folds.csv"
     common = [
         f"data.root={data}",

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run_script
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "eda.ipynb"
 STRIP = REPO / "tools" / "strip_notebook.py"
-MAKE_SYNTHETIC = REPO / "src" / "make_synthetic.py"
 
 
 def strip_tool(*args):
@@ -150,18 +151,20 @@ def test_notebook_runs_on_png_layout(tmp_path, monkeypatch):
 
 
 def test_notebook_runs_on_synthetic(tmp_path, monkeypatch):
-    if not MAKE_SYNTHETIC.is_file():
-        pytest.skip("src/make_synthetic.py does not exist yet")
     out = tmp_path / "synthetic"
-    args = ["--out", out, "--n-train", 24, "--n-test", 4, "--size", 64, "--seed", 0]
-    r = subprocess.run(
-        [sys.executable, str(MAKE_SYNTHETIC), *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_script(
+        "make_synthetic",
+        "--out",
+        str(out),
+        "--n-train",
+        "24",
+        "--n-test",
+        "4",
+        "--size",
+        "64",
+        "--seed",
+        "0",
     )
-    assert r.returncode == 0, r.stderr
     overrides = [f"data.root={out}", "data.original_size=64", "data.patient_map=nih_id.csv"]
     nb = execute(overrides, _kernel_name(tmp_path, monkeypatch))
     text, images = outputs(nb)
