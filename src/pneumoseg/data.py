@@ -613,14 +613,19 @@ _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
 
-def normalize(images: np.ndarray, in_channels: int):
-    """uint8 (N, H, W) or (H, W) -> float32 tensor (N, C, H, W) / (C, H, W), ImageNet-normalised."""
+def normalize(images, in_channels: int):
+    """uint8 images (..., H, W), a numpy array or a tensor on any device -> float32 tensor
+    (..., C, H, W) on the same device, ImageNet-normalised. Training and inference share it."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0).unsqueeze(-3)
+    if isinstance(images, torch.Tensor):
+        x = images
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(images))
+    x = x.float().div_(255.0).unsqueeze(-3)
     if in_channels == 3:
-        mean = torch.tensor(_MEAN).view(3, 1, 1)
-        std = torch.tensor(_STD).view(3, 1, 1)
+        mean = torch.tensor(_MEAN, device=x.device).view(3, 1, 1)
+        std = torch.tensor(_STD, device=x.device).view(3, 1, 1)
         return (x.expand(*x.shape[:-3], 3, *x.shape[-2:]) - mean) / std
     if in_channels != 1:
         raise ValueError(f"model.in_channels must be 1 or 3, got {in_channels}")

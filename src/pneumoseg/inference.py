@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pneumoseg.data import _MEAN, _STD  # the training normalisation, applied on the device
+from pneumoseg.data import normalize  # the training normalisation, applied on the device
 from pneumoseg.engine import autocast, load_torch
 from pneumoseg.models import build_model, split_output
 
@@ -219,18 +219,6 @@ def _view_plan(size: tuple[int, int], scales: list[float]) -> dict[tuple[int, in
     return plan
 
 
-def _normalize(x: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """uint8 (N, H, W) on the device -> (N, C, H, W) float, as ``pneumoseg.data.normalize``."""
-    x = x.float().div_(255.0).unsqueeze(1)
-    if in_channels == 3:
-        mean = torch.tensor(_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(_STD, device=x.device).view(1, 3, 1, 1)
-        return (x.expand(-1, 3, -1, -1) - mean) / std
-    if in_channels != 1:
-        raise ValueError(f"model.in_channels must be 1 or 3, got {in_channels}")
-    return (x - float(np.mean(_MEAN))) / float(np.mean(_STD))
-
-
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
@@ -286,7 +274,7 @@ def predict_probs(
         model, weight = member[0], float(member[1])
         in_ch = int(member[2].get("in_channels", 3))
         if in_ch not in normalized:
-            normalized[in_ch] = _normalize(x8, in_ch)
+            normalized[in_ch] = normalize(x8, in_ch)
         x = normalized[in_ch]
         acc = torch.zeros_like(total)
         cls_acc = None
