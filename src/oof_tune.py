@@ -119,10 +119,7 @@ def report_table(oofs, names, settings: dict, scale: float):
 def plot_grid(results, best, path: Path, title: str) -> Path:
     """Heatmaps: Dice over threshold × min_area, and top_threshold × top_area at the best triplet's
     bottom threshold; the best cell of each marked."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    from pneumoseg.visualize import save_figure
+    from pneumoseg.visualize import plot_heatmaps
 
     panels = []
     gated = " (no gate)" if any(f.endswith("+gate") for f in best.index) else ""
@@ -139,28 +136,7 @@ def plot_grid(results, best, path: Path, title: str) -> Path:
         grid = sub.pivot_table(index="top_threshold", columns="top_area", values="dice", sort=True)
         panels.append((grid, (b["top_threshold"], b["top_area"]), "top_threshold",
                        "top_area (px @1024²)", f"triplet{gated} at the best bottom threshold: best {describe(_params(b))}"))  # fmt: skip
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
-    for ax, (grid, (r, c), ylabel, xlabel, sub_title) in zip(axes[0], panels, strict=True):
-        vals = grid.to_numpy(dtype=float)
-        im = ax.imshow(vals, cmap="viridis", aspect="auto", origin="lower")
-        ax.set_xticks(range(grid.shape[1]), [f"{v:g}" for v in grid.columns], rotation=45)
-        ax.set_yticks(range(grid.shape[0]), [f"{v:g}" for v in grid.index])
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(sub_title, fontsize=9)
-        lo, hi = float(vals.min()), float(vals.max())
-        for i in range(vals.shape[0]):
-            for j in range(vals.shape[1]):
-                light = vals[i, j] < lo + 0.6 * (hi - lo)
-                ax.text(j, i, f"{vals[i, j]:.3f}", ha="center", va="center", fontsize=6.5,
-                        color="white" if light else "black")  # fmt: skip
-        i = list(grid.index).index(r)
-        j = list(grid.columns).index(c)
-        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
-        fig.colorbar(im, ax=ax, label="mean Dice (OOF)")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return plot_heatmaps(panels, path, title, value_label="mean Dice (OOF)")
 
 
 def _params(row) -> dict:

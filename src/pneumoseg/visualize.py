@@ -21,6 +21,35 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     return Path(path)
 
 
+def plot_heatmaps(panels, path: str | Path, title: str, value_label: str) -> Path:
+    """One heatmap per panel ``(grid, best_cell, ylabel, xlabel, subtitle)``: ``grid`` a
+    DataFrame (rows × columns of scores), ``best_cell`` its ``(row label, column label)``, boxed
+    in red; every cell's value printed."""
+    from matplotlib.patches import Rectangle
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
+    for ax, (grid, (r, c), ylabel, xlabel, subtitle) in zip(axes[0], panels, strict=True):
+        vals = grid.to_numpy(dtype=float)
+        im = ax.imshow(vals, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(grid.shape[1]), [f"{v:g}" for v in grid.columns], rotation=45)
+        ax.set_yticks(range(grid.shape[0]), [f"{v:g}" for v in grid.index])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(subtitle, fontsize=9)
+        lo, hi = float(vals.min()), float(vals.max())
+        for i in range(vals.shape[0]):
+            for j in range(vals.shape[1]):
+                light = vals[i, j] < lo + 0.6 * (hi - lo)
+                ax.text(j, i, f"{vals[i, j]:.3f}", ha="center", va="center", fontsize=6.5,
+                        color="white" if light else "black")  # fmt: skip
+        i, j = list(grid.index).index(r), list(grid.columns).index(c)
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
+        fig.colorbar(im, ax=ax, label=value_label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def plot_curves(log: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Loss (train/val), validation Dice (all / positive-only) and learning rate per epoch."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
