@@ -126,7 +126,8 @@ def main(args):
     from pneumoseg.data import SegDataset
     from pneumoseg.losses import ComboLoss
     from pneumoseg.models import build_model, count_parameters
-    from pneumoseg.oof import has_oof, predict_oof
+    from pneumoseg.oof import has_oof, load_oof, predict_oof
+    from pneumoseg.postprocess import evaluate_params
     from pneumoseg.samplers import ShardedSampler
     from pneumoseg.transforms import build_train_transforms
 
@@ -356,33 +357,29 @@ def main(args):
         if len(val_ds) and not has_oof(out):
             model.load_state_dict(engine.load_torch(model_path)["state_dict"])
             ids = cache.manifest["id"].astype(str).to_numpy()[val_idx].tolist()
+            oof_size = int(cfg["oof"]["size"])
             predict_oof(
                 model,
                 val_loader,
                 out,
                 ids,
-                int(cfg["oof"]["size"]),
+                oof_size,
                 device,
                 hflip=bool(cfg["oof"]["hflip"]),
                 dtype=dtype,
                 show_progress=show,
             )
-            oof_eval = engine.evaluate(
-                model,
-                val_loader,
-                device,
-                tc["threshold"],
-                None,
-                dtype,
-                tc["channels_last"],
-                hflip=bool(cfg["oof"]["hflip"]),
-                show_progress=False,
-            )
+            # Score the OOF maps just written instead of predicting the fold a second time.
+            raw = {"method": "threshold", "threshold": tc["threshold"], "min_area": 0}
+            score = evaluate_params([load_oof(out)], raw).iloc[0]
             log.info(
-                "fold %d averaged model: dice=%.4f pos_dice=%.4f (all-empty baseline %.4f)",
+                "fold %d averaged model (OOF, %d px, p > %g): dice=%.4f pos_dice=%.4f "
+                "(all-empty baseline %.4f)",
                 args.fold,
-                oof_eval["dice"],
-                oof_eval["pos_dice"],
+                oof_size,
+                tc["threshold"],
+                score["dice"],
+                score["pos_dice"],
                 baseline,
             )
     engine.barrier(d)
