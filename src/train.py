@@ -64,16 +64,18 @@ def split_indices(cfg: dict, manifest, fold: int):
     return np.flatnonzero(f != fold), np.flatnonzero(f == fold)
 
 
+def init_worker(worker_id: int) -> None:
+    """Distinct, reproducible augmentation streams per worker and epoch: torch seeds each worker
+    from the loader's generator, which the epoch loop reseeds. Module-level so that it pickles
+    for ``spawn`` workers (macOS, Windows)."""
+    import torch
+
+    torch.utils.data.get_worker_info().dataset.reseed(torch.initial_seed() % 2**32)
+
+
 def make_loader(dataset, sampler, cfg_train: dict, shuffle: bool, seed: int, train: bool):
     import torch
     from torch.utils.data import DataLoader
-
-    def init_worker(worker_id: int):
-        # Distinct, reproducible augmentation streams per worker and epoch.
-        s = torch.initial_seed() % 2**32
-        transforms = dataset.transforms or ()
-        for t in set(transforms):
-            t.set_random_seed(s)
 
     workers = int(cfg_train["num_workers"])
     return DataLoader(
@@ -257,8 +259,7 @@ def main(args):
         if sampler is not None:
             sampler.set_epoch(epoch)
         train_loader.generator.manual_seed(cfg["seed"] * 1000 + epoch)
-        for t in {id(x): x for x in transforms}.values():
-            t.set_random_seed(cfg["seed"] * 1000 + epoch)
+        train_ds.reseed(cfg["seed"] * 1000 + epoch)
         stats = engine.train_one_epoch(
             ddp_model,
             train_loader,

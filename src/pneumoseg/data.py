@@ -653,6 +653,11 @@ class SegDataset:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def reseed(self, seed: int) -> None:
+        """Seed each distinct augmentation pipeline (the same one may serve both classes)."""
+        for t in {id(t): t for t in self.transforms or ()}.values():
+            t.set_random_seed(seed)
+
     def __getitem__(self, i: int) -> dict:
         import torch
 
