@@ -8,7 +8,7 @@ CONFIG ?= configs/demo.yaml
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test lint fast-test demo bench strip-notebooks clean-demo
+.PHONY: install lock test lint fast-test demo bench strip-notebooks clean-demo
 
 install: $(STAMP)
 
@@ -18,6 +18,48 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $@
+
+# Regenerates the lock constraints.txt: a fresh venv in a temporary folder (nothing from .venv or
+# earlier installs leaks in), `pip install -e '.[dev]'` with only the loose ranges of
+# pyproject.toml, `pip check`, then `pip freeze` (every package, setuptools included: torch needs
+# it at run time; not pip itself, not pneumoseg) under the header below, written to a temporary
+# file and renamed over constraints.txt only once everything succeeded. Then run `make test`.
+define LOCK_HEADER
+# constraints.txt: the lock of the tested environment, written by `make lock`.
+# Every package that `pip install -e '.[dev]'` installs (the dependencies and the dev extra of
+# pyproject.toml and everything they pull in) pinned with ==; pip itself and pneumoseg are left
+# out. `make install` installs with `-c constraints.txt`, so every later install gets exactly
+# these versions; pyproject.toml keeps the loose ranges.
+# Refresh (after changing dependencies in pyproject.toml, or to move to newer releases):
+#   make lock && make test      # then commit constraints.txt
+# Other platforms: a pin applies only to packages that get installed there, so the nvidia-*,
+# cuda-* and triton lines (the CUDA 13 runtime of the default Linux torch wheel) are ignored
+# where they are not needed, and packages needed only elsewhere (e.g. colorama on Windows) are
+# not pinned.
+# GPU users: torch==X also matches the CUDA builds X+cuNNN of the same release (PEP 440 ignores
+# the +local part), so install that build of the locked torch and torchvision first (from
+# PyTorch's CUDA index, see README), then `pip install -c constraints.txt -e '.[dev]'` keeps it.
+# For another torch release, change the torch and torchvision lines to that release pair and
+# delete the nvidia-*, cuda-* and triton lines.
+endef
+export LOCK_HEADER
+
+lock:
+	@set -eu; \
+	tmp=$$(mktemp -d "$${TMPDIR:-/tmp}/pneumoseg-lock.XXXXXX"); \
+	trap 'rm -rf "$$tmp" constraints.txt.tmp' EXIT; \
+	echo "make lock: fresh venv in $$tmp/venv"; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install --quiet -e '.[dev]'; \
+	"$$tmp/venv/bin/python" -m pip check; \
+	{ \
+	  printf '%s\n' "$$LOCK_HEADER"; \
+	  "$$tmp/venv/bin/python" -c 'import platform, sysconfig; print(f"# Tested with {platform.python_implementation()} {platform.python_version()} on {sysconfig.get_platform()}.")'; \
+	  "$$tmp/venv/bin/python" -m pip freeze --all --exclude-editable --exclude pip --exclude pneumoseg; \
+	} > constraints.txt.tmp; \
+	mv -f constraints.txt.tmp constraints.txt; \
+	echo "make lock: wrote constraints.txt ($$(grep -c '^[^#]' constraints.txt) pins); now run make test"
 
 lint: install
 	$(VENV)/bin/ruff check .
