@@ -1,4 +1,6 @@
+import csv
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -7,8 +9,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
+from pneumoseg.errors import DataError, MissingFileError
 from pneumoseg.rle import (
+    RLEError,
     absolute_to_relative,
+    check_rle,
     read_rle_csv,
     relative_to_absolute,
     rle_decode,
@@ -50,6 +55,9 @@ def test_hand_cases(shape, pixels, rel, absolute):
     m = _mask(shape, pixels)
     assert rle_encode(m) == rel
     assert rle_encode(m, relative=False) == absolute
+    f = np.asfortranarray(m)  # the column-major memory layout: the linear-scan path
+    assert rle_encode(f) == rel
+    assert rle_encode(f, relative=False) == absolute
     np.testing.assert_array_equal(rle_decode(rel, shape), m)
     np.testing.assert_array_equal(rle_decode(absolute, shape, relative=False), m)
     assert relative_to_absolute(rel, shape) == absolute
@@ -212,3 +220,307 @@ def test_csv_errors_name_line_and_id(tmp_path, body, message):
 def test_csv_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.csv"):
         read_rle_csv(tmp_path / "nope.csv")
+
+
+# ---------------------------------------------------------------- memory layouts
+def _layouts(m):
+    """The same mask as C-ordered, Fortran-ordered, a competition-style decode (a transposed
+    column-major buffer), a bool array and a Fortran-ordered 0/255 array."""
+    flat = m.flatten(order="F")
+    comp = flat.reshape(m.shape[1], m.shape[0]).T  # how the competition's rle2mask builds masks
+    assert np.array_equal(comp, m)
+    return [m, np.asfortranarray(m), comp, m.astype(bool), np.asfortranarray(m) * 255]
+
+
+EDGE_MASKS = [
+    np.zeros((7, 9), np.uint8),  # empty
+    np.ones((7, 9), np.uint8),  # full
+    np.ones((64, 64), np.uint8),  # full, whole 32-word blocks
+    _mask((5, 6), [(0, 0)]),  # first pixel
+    _mask((5, 6), [(4, 5)]),  # last pixel
+    _mask((5, 6), [(2, 3)]),  # single pixel
+    _mask((1, 1), [(0, 0)]),
+    np.zeros((1, 1), np.uint8),
+    _mask((1, 37), [(0, 0), (0, 1), (0, 8), (0, 35), (0, 36)]),  # 1xN, ends on the last pixel
+    _mask((37, 1), [(0, 0), (1, 0), (16, 0), (36, 0)]),  # Nx1
+    np.ones((1, 37), np.uint8),
+    np.ones((37, 1), np.uint8),
+    (np.arange(64 * 70).reshape(64, 70) % 2).astype(np.uint8),  # alternating: the most runs
+]
+
+
+@pytest.mark.parametrize("m", EDGE_MASKS, ids=lambda m: f"{m.shape}-{int(m.sum())}px")
+def test_encode_same_for_every_layout(m):
+    for relative in (True, False):
+        want = rle_encode(m, relative=relative)
+        for arr in _layouts(m):
+            assert rle_encode(arr, relative=relative) == want, (arr.flags, arr.dtype)
+        np.testing.assert_array_equal(rle_decode(want, m.shape, relative=relative), m)
+
+
+def test_encode_strided_and_unaligned_views():
+    rng = np.random.default_rng(1)
+    big = np.asfortranarray((rng.random((63, 70)) < 0.4).astype(np.uint8))
+    views = [
+        big[:, 1:],  # Fortran-contiguous, data 63 bytes in: not 8-byte aligned
+        big[:, 3:40],
+        big[1:, :],  # not contiguous either way
+        big[::2, ::3],
+        big.T,  # C-contiguous, width 63
+        np.ascontiguousarray(big)[:, 5:],
+    ]
+    for v in views:
+        for relative in (True, False):
+            assert rle_encode(v, relative) == rle_encode(np.ascontiguousarray(v), relative)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    arrays(
+        np.uint8,
+        st.one_of(
+            st.tuples(st.integers(1, 40), st.integers(1, 40)),
+            st.tuples(st.just(1), st.integers(1, 600)),  # 1xN
+            st.tuples(st.integers(1, 600), st.just(1)),  # Nx1
+        ),
+        elements=st.integers(0, 1),
+    )
+)
+def test_fortran_order_property(m):
+    f = np.asfortranarray(m)
+    for relative in (True, False):
+        assert rle_encode(m, relative) == rle_encode(f, relative)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0.0, 1.0), st.integers(1, 9), st.integers(1, 9))
+def test_fortran_order_blobs_property(seed, fill, ry, rx):
+    # Long runs crossing 8-byte words and 256-byte blocks, with ragged tails (sizes % 8 != 0).
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(1, 30)), int(rng.integers(1, 30))
+    m = (rng.random((h, w)) < fill).astype(np.uint8).repeat(ry, 0).repeat(rx, 1)
+    f = np.asfortranarray(m)
+    for relative in (True, False):
+        rle = rle_encode(m, relative)
+        assert rle_encode(f, relative) == rle
+        np.testing.assert_array_equal(rle_decode(rle, m.shape, relative), m)
+
+
+def test_fortran_order_1024_random():
+    rng = np.random.default_rng(2)
+    for fill in (0.0, 0.001, 0.3, 0.5, 0.999, 1.0):
+        m = (rng.random((1024, 1024)) < fill).astype(np.uint8)
+        for relative in (True, False):
+            assert rle_encode(m, relative) == rle_encode(np.asfortranarray(m), relative)
+
+
+# ---------------------------------------------------------------- absolute RLE checks
+@pytest.mark.parametrize(
+    "rle",
+    [
+        "5 3 6 1",  # overlaps the previous run
+        "5 3 7 1",  # starts inside the previous run (ends at 7, 1-indexed)
+        "6 1 2 1",  # starts before the previous run
+        "3 1 3 1",  # the same start twice
+    ],
+)
+def test_absolute_runs_must_increase_without_overlap(rle):
+    with pytest.raises(RLEError, match="overlaps or precedes the previous run"):
+        rle_decode(rle, (4, 4), relative=False)
+    with pytest.raises(RLEError, match="overlaps or precedes"):
+        check_rle(rle, relative=False)  # the same check without the image size
+
+
+def test_absolute_touching_runs_are_valid():
+    # run 1 covers pixels 1-2 (1-indexed); the next may start at 3
+    m = rle_decode("1 2 3 1 9 2", (4, 4), relative=False)
+    assert m.sum() == 5
+    check_rle("1 2 3 1 9 2", relative=False)
+
+
+def test_relative_rle_read_as_absolute_is_an_error():
+    # The bug: relative RLE decoded as absolute gave ~1% of the mask; now it is refused.
+    m = np.zeros((64, 64), np.uint8)
+    m[10:40, 20:30] = 1
+    rel = rle_encode(m)  # "1290 30 34 30 ..."
+    with pytest.raises(RLEError, match="overlaps or precedes") as exc:
+        rle_decode(rel, (64, 64), relative=False)
+    assert exc.value.likely == "relative" and "looks like relative RLE" in str(exc.value)
+    assert isinstance(exc.value, DataError) and isinstance(exc.value, ValueError)
+
+
+def test_absolute_rle_read_as_relative_suggests_absolute():
+    m = np.zeros((64, 64), np.uint8)
+    m[10:40, 20:30] = 1
+    absolute = rle_encode(m, relative=False)
+    with pytest.raises(RLEError, match="past the end") as exc:
+        rle_decode(absolute, (64, 64), relative=True)
+    assert exc.value.likely == "absolute" and "looks like absolute RLE" in str(exc.value)
+
+
+def test_relative_past_end_suggests_checking_format_and_size():
+    with pytest.raises(RLEError, match=r"check that the RLE is relative .* image is 3x3") as exc:
+        rle_decode("7 1 0 5", (3, 3))  # fits neither form
+    assert exc.value.likely is None
+
+
+# ---------------------------------------------------------------- CSV: format, lines, errors
+def _csv(tmp_path, body, name="x.csv"):
+    p = tmp_path / name
+    p.write_text(body)
+    return p
+
+
+@pytest.mark.parametrize("shape", [(64, 64), None])
+def test_csv_relative_rows_with_absolute_format(tmp_path, shape):
+    m = np.zeros((64, 64), np.uint8)
+    m[10:40, 20:30] = 1
+    p = _csv(tmp_path, f"ImageId,EncodedPixels\na,-1\nimg7,{rle_encode(m)}\n")
+    with pytest.raises(DataError) as exc:
+        read_rle_csv(p, shape=shape, relative=False)
+    text = str(exc.value)
+    assert f"{p}:3: ImageId img7: malformed RLE: run overlaps" in text
+    assert "looks like relative RLE" in text and "set data.rle_format=relative" in text
+    assert read_rle_csv(p, shape=shape, relative=True)["img7"] == [rle_encode(m)]
+
+
+def test_csv_absolute_rows_with_relative_format(tmp_path):
+    m = np.zeros((64, 64), np.uint8)
+    m[10:40, 20:30] = 1
+    p = _csv(tmp_path, f"ImageId,EncodedPixels\nimg7,{rle_encode(m, relative=False)}\n")
+    with pytest.raises(DataError, match=r"x\.csv:2: ImageId img7: .*past the end") as exc:
+        read_rle_csv(p, shape=(64, 64), relative=True)
+    assert "looks like absolute RLE" in str(exc.value)
+    assert "set data.rle_format=absolute" in str(exc.value)
+    assert read_rle_csv(p, shape=(64, 64), relative=False)["img7"]
+
+
+def test_csv_relative_past_end_suggests_format_and_size(tmp_path):
+    p = _csv(tmp_path, "a,7 1 0 5\n")
+    with pytest.raises(DataError, match=r"x\.csv:1: ImageId a: .*past the end.*check that the RLE"):
+        read_rle_csv(p, shape=(3, 3))
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("a,-1\nbad.id,1 2 3\n", r"x\.csv:2: ImageId bad\.id: malformed RLE: odd"),
+        ("a,-1\n\nb,1 0\n", r"x\.csv:3: ImageId b: malformed RLE: zero-length"),
+        ("a,1 -2\n", r"x\.csv:1: ImageId a: malformed RLE: negative"),
+        ("h,1 x\n", r"x\.csv:1: ImageId h: .*non-integer"),
+    ],
+)
+def test_csv_without_shape_checks_what_it_can(tmp_path, body, message):
+    # shape=None (the manifest builder's first pass) still refuses rows broken at any size
+    p = _csv(tmp_path, body)
+    with pytest.raises(DataError, match=message):
+        read_rle_csv(p, shape=None)
+
+
+def test_csv_lines_out_parameter(tmp_path):
+    p = _csv(
+        tmp_path,
+        "ImageId, EncodedPixels\na, -1\nb, 1 2\n\nc, 0 1\nb, 5 1\na, -1\nd, -1\nd, 3 1\n",
+    )
+    lines: dict[str, list[int]] = {}
+    rles = read_rle_csv(p, shape=(3, 3), lines=lines)
+    assert rles == {"a": [], "b": ["1 2", "5 1"], "c": ["0 1"], "d": ["3 1"]}
+    assert lines == {"a": [2, 7], "b": [3, 6], "c": [5], "d": [9]}  # aligned with the rows kept
+
+
+def test_csv_typed_errors(tmp_path):
+    with pytest.raises(MissingFileError, match=r"nope\.csv"):
+        read_rle_csv(tmp_path / "nope.csv")
+    with pytest.raises(DataError, match=r"x\.csv:1: expected 2 columns"):
+        read_rle_csv(_csv(tmp_path, "a,-1,3\n"))
+
+
+def test_csv_not_utf8_is_a_data_error(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_bytes(b"ImageId,EncodedPixels\na,-1\nb,1 2\n\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    with pytest.raises(DataError, match=r"x\.csv:4 \(byte 0x89\): not UTF-8 text"):
+        read_rle_csv(p)
+    p.write_bytes(bytes(range(256)) * 40)  # a binary file
+    with pytest.raises(DataError, match=r"x\.csv:.*not UTF-8 text"):
+        read_rle_csv(p)
+
+
+def test_csv_nul_byte_is_a_data_error(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_bytes(b"a,-1\nb,1\x002\n")
+    with pytest.raises(DataError, match=r"x\.csv:2"):
+        read_rle_csv(p)
+
+
+def test_csv_module_errors_are_data_errors(tmp_path, monkeypatch):
+    import pneumoseg.rle as rle_mod
+
+    p = _csv(tmp_path, "a,-1\nb,1 2 3 4 5 6 7 8 9 10 11 12\n")
+    old = csv.field_size_limit()
+    monkeypatch.setattr(rle_mod, "raise_csv_field_limit", lambda *a: None)
+    try:
+        csv.field_size_limit(10)  # provoke a _csv.Error
+        with pytest.raises(DataError, match=r"x\.csv:2: not a readable CSV \(field larger"):
+            read_rle_csv(p)
+    finally:
+        csv.field_size_limit(old)
+
+
+# ---------------------------------------------------------------- the manifest's bad rows
+def test_manifest_bad_rows_name_csv_line_and_id(real_dir, tmp_path, caplog):
+    from pneumoseg.data import build_manifest
+
+    src = real_dir / "sample_images"
+    dcms = sorted(src.glob("*.dcm"))
+    for f in dcms:
+        shutil.copy(f, tmp_path / f.name)
+    ids = [f.stem for f in dcms]
+    # 7 rows (more than a summary's usual examples) that cannot fit a 1024x1024 image
+    bad = {i: f"{1024 * 1024 - 5 + k} 10" for k, i in enumerate(ids[:7])}
+    rows = ["ImageId,EncodedPixels"]
+    for i in ids:
+        rows.append(f"{i},{bad.get(i, '-1')}")
+    (tmp_path / "rle.csv").write_text("\n".join(rows) + "\n")
+    cfg = {"layout": "siim", "root": str(tmp_path), "train_images": ".", "rle_csv": "rle.csv"}
+    with caplog.at_level(logging.WARNING, logger="pneumoseg.data"):
+        df = build_manifest(cfg, "train", strict=False)
+    assert sorted(df["id"]) == sorted(ids[7:])  # the bad rows are left out
+    assert "7 mask(s) that do not fit their image" in caplog.text
+    for k, i in enumerate(ids[:7]):  # every one listed, with its line
+        assert f"{tmp_path / 'rle.csv'}:{k + 2}: ImageId {i}: malformed RLE: run goes past" in (
+            caplog.text
+        ), i
+    with pytest.raises(ValueError, match=r"rle\.csv:2: ImageId .*past the end"):
+        build_manifest({**cfg, "strict": True}, "train")
+
+
+def test_manifest_csv_in_the_other_format(real_dir, tmp_path):
+    from pneumoseg.data import build_manifest
+
+    src = real_dir / "sample_images"
+    for f in src.glob("*.dcm"):
+        shutil.copy(f, tmp_path / f.name)
+    shutil.copy(src / "train-rle-sample.csv", tmp_path / "rle.csv")  # relative RLE
+    cfg = {"layout": "siim", "root": str(tmp_path), "train_images": ".", "rle_csv": "rle.csv"}
+    with pytest.raises(DataError, match=r"rle\.csv:\d+: ImageId .*set data.rle_format=relative"):
+        build_manifest({**cfg, "rle_format": "absolute"}, "train")
+
+
+def test_manifest_absolute_csv_read_as_relative(real_dir, tmp_path, caplog):
+    from pneumoseg.data import build_manifest
+
+    src = real_dir / "sample_images"
+    for f in src.glob("*.dcm"):
+        shutil.copy(f, tmp_path / f.name)
+    rel = read_rle_csv(src / "train-rle-sample.csv")
+    rows = ["ImageId,EncodedPixels"]
+    for i, rles in rel.items():
+        rows += [f"{i},{relative_to_absolute(r)}" for r in rles] or [f"{i},-1"]
+    (tmp_path / "abs.csv").write_text("\n".join(rows) + "\n")
+    cfg = {"layout": "siim", "root": str(tmp_path), "train_images": ".", "rle_csv": "abs.csv"}
+    df = build_manifest({**cfg, "rle_format": "absolute"}, "train")
+    assert int(df["has_mask"].sum()) == 5
+    with caplog.at_level(logging.WARNING, logger="pneumoseg.data"):
+        df = build_manifest(cfg, "train")  # relative (default): the positives do not fit
+    assert len(df) == 5 and not df["has_mask"].any()
+    assert caplog.text.count("it looks like absolute RLE: set data.rle_format=absolute") == 5
