@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 import pneumoseg  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE)
+from pneumoseg.cli import add_debug, run
+from pneumoseg.errors import UserError
 
 log = logging.getLogger("pneumoseg.demo")
 
@@ -29,14 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo.yaml"
 
 
-def run(stage: str, script: str, *args: str, timings: dict) -> None:
+def run_stage(stage: str, script: str, *args: str, timings: dict) -> None:
     cmd = [sys.executable, str(REPO / "src" / f"{script}.py"), *args]
     log.info("==> %s: %s", stage, " ".join(["python", f"src/{script}.py", *args]))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, check=False)  # nosec B603
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(
+        raise UserError(
             f"demo: stage '{stage}' failed (exit {proc.returncode}); fix it and "
             "re-run `make demo`: finished stages are skipped"
         )
@@ -47,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="remove the demo's outputs first")
     ap.add_argument("--n-train", type=int, default=300)
     ap.add_argument("--n-test", type=int, default=60)
+    add_debug(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
 
     if not (root / "synthetic_info.json").is_file():
-        run(
+        run_stage(
             "synthetic data",
             "make_synthetic",
             "--out",
@@ -86,20 +89,20 @@ def main(argv=None) -> int:
             *(["--force"] if root.exists() else []),
             timings=timings,
         )
-    run("preprocess", "preprocess", "--config", CONFIG, "--split", "all", timings=timings)
-    run("folds", "make_folds", "--config", CONFIG, timings=timings)
+    run_stage("preprocess", "preprocess", "--config", CONFIG, "--split", "all", timings=timings)
+    run_stage("folds", "make_folds", "--config", CONFIG, timings=timings)
     for k in range(int(cfg["folds"]["n_folds"])):
         fold = runs / f"fold{k}"
         if (fold / "model.pt").is_file() and (fold / "oof_ids.csv").is_file():
             log.info("fold %d already trained: %s", k, fold)
             continue
         resume = ["--resume"] if fold.exists() else []
-        run("train", "train", "--config", CONFIG, "--fold", str(k), *resume, timings=timings)
+        run_stage("train", "train", "--config", CONFIG, "--fold", str(k), *resume, timings=timings)
     # The demo owns runs/demo and submissions/demo.csv: it may replace its own earlier results.
-    run("tune", "oof_tune", "--config", CONFIG, "--force", timings=timings)
-    run("predict", "predict", "--config", CONFIG, "--submission", "--force", timings=timings)
+    run_stage("tune", "oof_tune", "--config", CONFIG, "--force", timings=timings)
+    run_stage("predict", "predict", "--config", CONFIG, "--submission", "--force", timings=timings)
     sample = root / cfg["data"]["sample_submission"]
-    run(
+    run_stage(
         "validate",
         "validate_submission",
         str(sub),
@@ -153,4 +156,4 @@ def summary(cfg: dict, root: Path, runs: Path, sub: Path, timings: dict) -> None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

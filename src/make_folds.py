@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pneumoseg.cli import config_from_args, make_parser, setup_logging
+from pneumoseg.cli import config_from_args, make_parser, run, setup_logging
 
 log = logging.getLogger("make_folds")
 
@@ -31,8 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    from pneumoseg.errors import FoldsError, OutputExistsError
     from pneumoseg.folds import (
-        FoldsError,
         fold_report,
         folds_csv,
         import_folds,
@@ -41,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         write_folds,
     )
 
-    cfg = config_from_args(args, log)
-    if cfg is None:
-        return 2
+    cfg = config_from_args(args)
     fcfg, dcfg = cfg["folds"], cfg["data"]
     out = Path(fcfg["file"])
     patient_map = None  # the manifest applies data.patient_map itself; imports without one need it
@@ -52,31 +50,33 @@ def main(argv: list[str] | None = None) -> int:
         if not patient_map.exists() and Path(dcfg["patient_map"]).exists():
             patient_map = Path(dcfg["patient_map"])
 
-    try:
-        manifest = None
-        if fcfg["import_from"]:
-            if Path(dcfg["root"]).is_dir():
-                manifest = _build_manifest(dcfg)
-            else:
-                log.info("data.root %s not found: importing without an id check", dcfg["root"])
-            folds = import_folds(
-                fcfg["import_from"],
-                manifest=manifest,
-                patient_map=None if manifest is not None else patient_map,
-                area_bins=fcfg["area_bins"],
-            )
-            log.info("imported %d ids from %s", len(folds), fcfg["import_from"])
-        else:
+    manifest = None
+    if fcfg["import_from"]:
+        if Path(dcfg["root"]).is_dir():
             manifest = _build_manifest(dcfg)
-            folds = make_folds(
-                manifest,
-                n_folds=fcfg["n_folds"],
-                seed=fcfg["seed"],
-                area_bins=fcfg["area_bins"],
+        else:
+            log.info("data.root %s not found: importing without an id check", dcfg["root"])
+        folds = import_folds(
+            fcfg["import_from"],
+            manifest=manifest,
+            patient_map=None if manifest is not None else patient_map,
+            area_bins=fcfg["area_bins"],
+        )
+        log.info("imported %d ids from %s", len(folds), fcfg["import_from"])
+        top = int(folds["fold"].max()) if len(folds) else -1
+        if top >= int(fcfg["n_folds"]):
+            raise FoldsError(
+                f"{fcfg['import_from']} has folds 0..{top} but folds.n_folds={fcfg['n_folds']}: "
+                f"set folds.n_folds={top + 1} in the experiment config"
             )
-    except (FoldsError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 1
+    else:
+        manifest = _build_manifest(dcfg)
+        folds = make_folds(
+            manifest,
+            n_folds=fcfg["n_folds"],
+            seed=fcfg["seed"],
+            area_bins=fcfg["area_bins"],
+        )
 
     report = fold_report(folds, manifest)
     log.info("per-fold table:\n%s", report.to_string(float_format=lambda x: f"{x:.4g}"))
@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("patients split across folds: %s", leak)
     if leak.patients:
         log.warning(
-            "these folds leak patients between train and validation (e.g. %s)", leak.examples
+            "these folds leak patients between train and validation (e.g. %s): src/train.py "
+            "refuses them unless folds.allow_patient_split=true",
+            leak.examples,
         )
 
     text = folds_csv(folds)
@@ -94,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s is already up to date: nothing written", out)
             return 0
         if not args.force:
-            log.error("%s exists and differs from these folds: pass --force to overwrite", out)
-            return 1
+            raise OutputExistsError(
+                f"{out} exists and differs from these folds: pass --force to overwrite it (runs "
+                "trained on the old folds then no longer match their OOF)"
+            )
         log.warning("overwriting %s (--force)", out)
     write_folds(folds, out)
     n_cv = folds.loc[folds["fold"] >= 0, "fold"].nunique()
@@ -112,4 +116,4 @@ def _build_manifest(dcfg: dict):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

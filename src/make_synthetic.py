@@ -12,6 +12,7 @@ import sys
 import time
 
 import pneumoseg  # noqa: F401  (first: sets up the environment; src/ is on sys.path)
+from pneumoseg.cli import add_debug, run
 from pneumoseg.synthetic import write_dataset
 
 log = logging.getLogger("make_synthetic")
@@ -47,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="parallel processes; 0 = auto: 1 up to 256 px (process start-up costs more than it\n"
         "saves), else min(4, CPUs). The files do not depend on it.",
     )
+    add_debug(p)
     return p.parse_args(argv)
 
 
@@ -55,22 +57,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     workers = args.workers or (1 if args.size <= 256 else min(4, os.cpu_count() or 1))
     t0 = time.perf_counter()
-    try:
-        summary = write_dataset(
-            args.out,
-            n_train=args.n_train,
-            n_test=args.n_test,
-            size=args.size,
-            seed=args.seed,
-            positive_rate=args.positive_rate,
-            jpeg=args.jpeg,
-            png=args.png,
-            force=args.force,
-            workers=workers,
-        )
-    except (FileExistsError, NotADirectoryError, ValueError) as e:
-        log.error("%s", e)
-        return 2
+    summary = write_dataset(
+        args.out,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        size=args.size,
+        seed=args.seed,
+        positive_rate=args.positive_rate,
+        jpeg=args.jpeg,
+        png=args.png,
+        force=args.force,
+        workers=workers,
+    )
     dt = time.perf_counter() - t0
     for split in ("train", "test"):
         s = summary[split]
@@ -87,4 +85,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

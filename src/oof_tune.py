@@ -2,8 +2,8 @@
 
     python src/oof_tune.py --config configs/demo.yaml [section.key=value ...] [--force]
 
-Reads every fold's OOF maps (``tune.folds``, or every ``runs/<exp>/fold<k>/`` with complete OOF
-files), searches the ``tune`` grids (threshold × min_area; triplet top_threshold × top_area ×
+Reads the OOF maps of ``tune.folds``, or of every fold ``0..folds.n_folds-1`` (all must have
+complete OOF files: tuning on a subset silently is an error), searches the ``tune`` grids (threshold × min_area; triplet top_threshold × top_area ×
 bottom_threshold; each also with the aux-head gate when ``tune.cls_thresholds`` is set and the folds
 have ``oof_cls.npy``) for the best mean competition Dice over all OOF images, and writes:
 
@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
 from pathlib import Path
 
-from pneumoseg.cli import config_from_args, make_parser, setup_logging
+from pneumoseg.cli import config_from_args, make_parser, run, setup_logging
 
 log = logging.getLogger("oof_tune")
 
@@ -42,29 +41,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def find_folds(exp_dir: Path, wanted) -> list[int]:
-    """``wanted`` folds (all must have OOF), or every fold<k> folder with complete OOF files."""
+def find_folds(exp_dir: Path, wanted, n_folds: int) -> list[int]:
+    """``wanted`` folds, or every fold ``0..n_folds-1``; each must have complete OOF files."""
+    from pneumoseg.errors import MissingFileError
     from pneumoseg.oof import has_oof
 
-    if wanted is not None:
-        folds = [int(k) for k in wanted]
-        missing = [k for k in folds if not has_oof(exp_dir / f"fold{k}")]
-        if missing:
-            raise FileNotFoundError(
-                f"tune.folds {folds}: no complete OOF predictions for fold(s) {missing} "
-                f"under {exp_dir}"
-            )
-        return folds
-    folds = []
-    for d in exp_dir.glob("fold*"):
-        m = re.fullmatch(r"fold(\d+)", d.name)
-        if m and d.is_dir() and has_oof(d):
-            folds.append(int(m.group(1)))
-    if not folds:
-        raise FileNotFoundError(
-            f"no fold folder with complete OOF predictions under {exp_dir}: train folds first"
+    folds = list(range(n_folds)) if wanted is None else [int(k) for k in wanted]
+    missing = [k for k in folds if not has_oof(exp_dir / f"fold{k}")]
+    if missing:
+        how = f"tune.folds={folds}" if wanted is not None else f"folds.n_folds={n_folds} folds"
+        raise MissingFileError(
+            f"{exp_dir}: no complete OOF predictions for fold(s) {missing} of the {how}. "
+            "Train them (src/train.py --fold k), or name the folds to tune on with "
+            "tune.folds=[...]"
         )
-    return sorted(folds)
+    return folds
 
 
 def describe(params: dict) -> str:
@@ -148,6 +139,7 @@ def _params(row) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    from pneumoseg.errors import DataError, OutputExistsError
     from pneumoseg.io import atomic_write
     from pneumoseg.oof import load_oof
     from pneumoseg.postprocess import (
@@ -162,22 +154,18 @@ def main(argv: list[str] | None = None) -> int:
         validate_params,
     )
 
-    cfg = config_from_args(args, log)
-    if cfg is None:
-        return 2
+    cfg = config_from_args(args)
     tune = cfg["tune"]
     exp_dir = Path(cfg["train"]["out_dir"]) / cfg["exp"]
-    try:
-        folds = find_folds(exp_dir, tune["folds"])
-        oofs = [load_oof(exp_dir / f"fold{k}") for k in folds]
-    except (FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
-        return 1
+    folds = find_folds(exp_dir, tune["folds"], int(cfg["folds"]["n_folds"]))
+    oofs = [load_oof(exp_dir / f"fold{k}") for k in folds]
     names = [f"fold{k}" for k in folds]
     sizes = {o.probs.shape[1:] for o in oofs}
     if len(sizes) != 1:
-        log.error("folds have OOF maps of different sizes %s: re-run their OOF", sorted(sizes))
-        return 1
+        raise DataError(
+            f"{exp_dir}: folds have OOF maps of different sizes {sorted(sizes)}: retrain the "
+            "odd ones with the same oof.size"
+        )
     size = oofs[0].probs.shape[1]
     scale = area_scale_for(size)
     n_images = sum(len(o.ids) for o in oofs)
@@ -187,11 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
 
     t0 = time.perf_counter()
-    try:
-        results = search(oofs, tune, area_scale=scale, names=names, n_jobs=args.jobs)
-    except ParamsError as e:
-        log.error("tune grids: %s", e)
-        return 2
+    results = search(oofs, tune, area_scale=scale, names=names, n_jobs=args.jobs)
     log.info("searched %d settings in %.1f s", len(results), time.perf_counter() - t0)
     best = best_rows(results)
     choice = pick_best(results)
@@ -242,11 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s is already up to date", out)
             write_yaml = False
         elif not args.force:
-            log.error(
-                "%s exists and differs from this tuning (%s): pass --force to overwrite",
-                out, describe(params),
-            )  # fmt: skip
-            return 1
+            raise OutputExistsError(
+                f"{out} exists and differs from this tuning ({describe(params)}): pass --force "
+                "to overwrite it"
+            )
         else:
             log.warning("overwriting %s (--force)", out)
 
@@ -284,4 +267,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -18,7 +18,11 @@ when the test set has truth (``data.test_rle_csv``, e.g. the synthetic data) it 
 stem) to stdout and, with ``--overlay DIR``, writes ``DIR/<stem>.png``: the image with the mask,
 a box and mean probability per component, and the image-level probability.
 
-Exit status: 0 ok, 1 errors (missing ids or models, invalid submission), 2 bad configuration.
+An existing submission is never replaced by a worse file: without ``--force`` it is kept; with it,
+the new CSV is written to a temporary file, validated, and only then renamed over the old one.
+
+Exit status: 0 ok; 1 ``--image``: some images could not be read (the others are written, the bad
+ones listed); 2 a user error (config, data, models, submission), with a message saying what to do.
 """
 
 from __future__ import annotations
@@ -31,7 +35,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pneumoseg  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations loads)
-from pneumoseg.cli import config_from_args, setup_logging
+from pneumoseg.cli import add_debug, config_from_args, run, setup_logging
+from pneumoseg.errors import (
+    DataError,
+    MissingFileError,
+    OutputExistsError,
+    PartialFailure,
+    SubmissionError,
+    UserError,
+)
 
 log = logging.getLogger("pneumoseg.predict")
 
@@ -59,6 +71,7 @@ def get_args(argv=None):
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. predict.tta=[hflip]")
+    add_debug(ap)
     args = ap.parse_intermixed_args(argv)  # options may follow the overrides
     if args.overlay is not None and not args.image:
         ap.error("--overlay goes with --image")
@@ -131,8 +144,10 @@ class Predictor:
 
 def find_sample(cfg: dict, given: Path | None) -> Path | None:
     if given is not None:
+        if given.is_dir():
+            raise SubmissionError(f"--sample {given} is a folder, expected the sample CSV")
         if not given.is_file():
-            raise FileNotFoundError(f"--sample {given}: no such file")
+            raise MissingFileError(f"--sample {given}: no such file")
         return given
     name = cfg["data"].get("sample_submission")
     if name:
@@ -151,16 +166,11 @@ def run_submission(cfg: dict, args) -> Path:
     from tqdm.auto import tqdm
 
     from pneumoseg.cache import FAILED, build_cache
-    from pneumoseg.submission import (
-        read_sample_ids,
-        score_submission,
-        validate_submission,
-        write_submission,
-    )
+    from pneumoseg.submission import publish_submission, read_sample_ids, score_submission
 
     out = Path(str(cfg["predict"]["out_dir"])) / f"{cfg['exp']}.csv"
     if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+        raise OutputExistsError(f"{out} exists; pass --force to replace it (after validation)")
     relative = (args.rle or cfg["predict"]["rle"]) == "relative"
     allow_missing = bool(args.allow_missing or cfg["predict"]["allow_missing"])
 
@@ -175,6 +185,10 @@ def run_submission(cfg: dict, args) -> Path:
     sample = find_sample(cfg, args.sample)
     if sample is not None:
         ids = read_sample_ids(sample)
+        if not ids:
+            raise SubmissionError(
+                f"sample submission {sample} lists no ImageId: nothing to predict"
+            )
         missing = [i for i in ids if i not in index]
         extra = sorted(set(index) - set(ids))
         if extra:
@@ -187,7 +201,7 @@ def run_submission(cfg: dict, args) -> Path:
                 f"e.g. {', '.join(missing[:10])}"
             )
             if not allow_missing:
-                raise LookupError(
+                raise DataError(
                     f"{text}. Point data.root/data.test_images at the full test set, or pass "
                     "--allow-missing to write them as -1"
                 )
@@ -225,10 +239,8 @@ def run_submission(cfg: dict, args) -> Path:
     n_pos = sum(r != "-1" for r in rles.values())
     log.info("%d/%d image(s) predicted positive", n_pos, len(rles))
 
-    write_submission(((i, rles.get(i, "-1")) for i in ids), out, force=args.force)
-    problems = validate_submission(out, ids if sample is not None else None, sizes, relative)
-    if problems:
-        raise ValueError(f"{out}: the written submission is invalid:\n  " + "\n  ".join(problems))
+    rows = [(i, rles.get(i, "-1")) for i in ids]
+    publish_submission(rows, out, ids if sample is not None else None, sizes, relative)
     log.info("%s: %d row(s), valid%s", out, len(ids), f" against {sample}" if sample else "")
 
     truth = cfg["data"].get("test_rle_csv")
@@ -255,6 +267,7 @@ def run_submission(cfg: dict, args) -> Path:
 # --image
 # ==================================================================================================
 def run_images(cfg: dict, args) -> list[tuple[str, str]]:
+    """Predict each ``--image``; unreadable ones are listed at the end (the others are written)."""
     import numpy as np
 
     from pneumoseg.cache import resize_image
@@ -264,12 +277,21 @@ def run_images(cfg: dict, args) -> list[tuple[str, str]]:
     relative = (args.rle or cfg["predict"]["rle"]) == "relative"
     size = int(cfg["cache"]["size"])
     predictor = Predictor(cfg, relative)
-    out_rows = []
+    out_rows: list[tuple[str, str]] = []
+    bad: list[str] = []
     print("ImageId,EncodedPixels", flush=True)
     paths = list(args.image)
     for start in range(0, len(paths), predictor.batch_size):
-        chunk = paths[start : start + predictor.batch_size]
-        originals = [read_image(p) for p in chunk]
+        chunk, originals = [], []
+        for path in paths[start : start + predictor.batch_size]:
+            try:
+                originals.append(read_image(path))
+                chunk.append(path)
+            except UserError as e:
+                log.error("%s", e)
+                bad.append(str(path))
+        if not chunk:
+            continue
         small = np.stack([resize_image(im, size) for im in originals])
         probs, cls = predictor.probs(small, [im.shape for im in originals])
         for j, path in enumerate(chunk):
@@ -283,29 +305,29 @@ def run_images(cfg: dict, args) -> list[tuple[str, str]]:
                 pic = overlay(originals[j], probs[j], mask, title=image_id, image_prob=prob)
                 dest = save_rgb(pic, args.overlay / f"{image_id}.png")
                 log.info("%s: %d positive pixel(s), p=%.3f -> %s", path, mask.sum(), prob, dest)
+    if bad and not out_rows:
+        raise DataError(f"none of the {len(paths)} image(s) could be read (see above)")
+    if bad:
+        raise PartialFailure(
+            f"{len(bad)} of {len(paths)} image(s) could not be read (see above), the other "
+            f"{len(out_rows)} were predicted: {', '.join(bad)}"
+        )
     return out_rows
 
 
 def main(argv=None) -> int:
     args = get_args(argv)
     setup_logging()
-    from pneumoseg.cache import CacheError
     from pneumoseg.config import log_config
 
-    cfg = config_from_args(args, log)
-    if cfg is None:
-        return 2
+    cfg = config_from_args(args)
     log_config(cfg)
-    try:
-        if args.submission:
-            run_submission(cfg, args)
-        else:
-            run_images(cfg, args)
-    except (FileExistsError, FileNotFoundError, LookupError, CacheError, ValueError) as e:
-        log.error("%s", e)
-        return 1
+    if args.submission:
+        run_submission(cfg, args)
+    else:
+        run_images(cfg, args)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

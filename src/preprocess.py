@@ -6,7 +6,9 @@
 Every image is decoded once, resized to ``cache.size`` and stored in memmapped ``.npy`` arrays
 next to the manifest (see ``pneumoseg.cache``). Re-running skips finished work; an interrupted run
 resumes; a cache built from another manifest or size is rebuilt (``cache.rebuild_on_change``).
-Exit status: 0 ok, 1 data/cache errors (strict mode, failed images), 2 bad configuration.
+Exit status: 0 ok (images that failed to decode are listed in a warning, left out of training and
+prediction, and retried by every rerun); 2 a user error (bad config, data, cache, disk full; in
+``data.strict`` mode also any failed image), with a message saying what to do.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import sys
 import time
 
-from pneumoseg.cli import config_from_args, make_parser, setup_logging
+from pneumoseg.cli import config_from_args, make_parser, run, setup_logging
 
 log = logging.getLogger("preprocess")
 
@@ -31,19 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    from pneumoseg.cache import CacheError, build_cache
+    from pneumoseg.cache import build_cache
 
-    cfg = config_from_args(args, log)
-    if cfg is None:
-        return 2
+    cfg = config_from_args(args)
     splits = ["train", "test"] if args.split == "all" else [args.split]
     for split in splits:
         t0 = time.perf_counter()
-        try:
-            cache = build_cache(cfg, split, force=args.force)
-        except (CacheError, ValueError, FileNotFoundError) as e:
-            log.error("%s split: %s", split, e)
-            return 1
+        cache = build_cache(cfg, split, force=args.force)
         s = cache.last_build
         log.info(
             "%s split: %s (%d images at %d², %d processed, %d already done, %d failed) in %.1f s",
@@ -56,10 +52,17 @@ def main(argv: list[str] | None = None) -> int:
             s.get("failed", 0),
             time.perf_counter() - t0,
         )
-        if s.get("failed"):
-            return 1
+        failed = cache.failed_ids
+        if failed:
+            # Non-strict (strict mode raised already): the cache is usable, training and
+            # prediction leave these images out. Every rerun retries them.
+            log.warning(
+                "%s split: %d image(s) failed to decode and are left out of training and "
+                "prediction (fix them and rerun to include them): %s",
+                split, len(failed), ", ".join(failed),
+            )  # fmt: skip
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -6,7 +6,8 @@
 Checks the header (exactly ``ImageId,EncodedPixels``), row format, duplicate and empty ids, ids
 missing from or not in the sample submission, that every RLE decodes inside the image, and that
 empty masks are written ``-1``. Prints the problems and exits 1 if there are any; otherwise prints
-a one-line summary and exits 0.
+a one-line summary and exits 0. A submission or sample that cannot be read at all (missing, a
+folder, not text) is a user error: one message, exit 2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from pneumoseg.cli import add_debug, run
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -37,14 +40,18 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", type=Path, help="sample submission: the ids expected")
     ap.add_argument("--shape", type=_shape, default=(1024, 1024), help="image size (1024)")
     ap.add_argument("--rle", choices=["relative", "absolute"], default="relative")
+    add_debug(ap)
     args = ap.parse_args(argv)
 
-    from pneumoseg.rle import EMPTY
-    from pneumoseg.submission import read_sample_ids, validate_submission
+    from pneumoseg.errors import MissingFileError, SubmissionError
+    from pneumoseg.rle import read_rle_csv
+    from pneumoseg.submission import validate_submission
 
-    if args.sample is not None and not args.sample.is_file():
-        print(f"sample submission not found: {args.sample}", file=sys.stderr)
-        return 1
+    for what, path in (("submission", args.submission), ("sample submission", args.sample)):
+        if path is not None and path.is_dir():
+            raise SubmissionError(f"{what} {path} is a folder, expected a CSV file")
+        if path is not None and not path.is_file():
+            raise MissingFileError(f"{what} not found: {path}")
     problems = validate_submission(
         args.submission, args.sample, args.shape, relative=args.rle == "relative"
     )
@@ -53,9 +60,9 @@ def main(argv=None) -> int:
         for p in problems:
             print(f"  - {p}")
         return 1
-    rows = read_sample_ids(args.submission)
-    with args.submission.open(encoding="utf-8") as fh:
-        n_pos = sum(1 for line in fh.readlines()[1:] if line.rstrip("\n").split(",")[1] != EMPTY)
+    # Read with the csv module (rows of any length: a valid 1024² RLE can pass 131,072 chars).
+    rows = read_rle_csv(args.submission, shape=None, relative=args.rle == "relative")
+    n_pos = sum(1 for rles in rows.values() if rles)
     against = f", matches {args.sample}" if args.sample else ""
     print(
         f"OK {args.submission}: {len(rows)} rows, {n_pos} positive, "
@@ -65,4 +72,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -81,3 +81,47 @@ def tiny_data(tmp_path_factory) -> Path:
     run_script("preprocess", "--config", "configs/demo.yaml", "--split", "all", *over)
     run_script("make_folds", "--config", "configs/demo.yaml", *over)
     return root
+
+
+_SCRIPTS: dict = {}
+
+
+def load_script(name: str):
+    """The module of ``src/<name>.py`` (imported once), as its ``__main__`` would see it."""
+    import importlib.util
+    import sys
+
+    if name not in _SCRIPTS:
+        if str(REPO / "src") not in sys.path:
+            sys.path.insert(0, str(REPO / "src"))
+        spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "src" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _SCRIPTS[name] = module
+    return _SCRIPTS[name]
+
+
+def run_cli(script: str, *args: str) -> tuple[int, str]:
+    """Run a script's ``main`` in-process through the shared entry wrapper, like its
+    ``__main__`` does; returns (exit code, everything it logged or printed). A bug (an exception
+    that is not a user error) propagates and fails the test."""
+    import contextlib
+    import io
+    import logging
+
+    from pneumoseg.cli import run
+
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            code = run(load_script(script).main, list(args))
+    finally:
+        root.removeHandler(handler)
+        for h in [h for h in root.handlers if getattr(h, "_pneumoseg_logfile", False)]:
+            root.removeHandler(h)  # a train.log handler would outlive the test's tmp folder
+            h.close()
+    return code, buf.getvalue()

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pneumoseg.cli import run
 from pneumoseg.folds import (
     TRAIN_ONLY,
     UNKNOWN_AREA_BIN,
@@ -262,7 +263,7 @@ def test_cli_import(tmp_path):
     src.write_text("fname,fold,exist_labels\na.png,1,1\nb.png,0,0\nc.png,0,0\n")
     before = out.read_text()
     r = run_cli(*common, cwd=tmp_path)
-    assert r.returncode == 1 and "--force" in r.stderr
+    assert r.returncode == 2 and "--force" in r.stderr
     assert out.read_text() == before
     r = run_cli(*common, "--force", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -308,12 +309,13 @@ def test_cli_make(tmp_path, monkeypatch, caplog):
     first = out.read_text()
     assert cli.main([f"folds.file={out}", "folds.n_folds=4", "folds.seed=3"]) == 0
     assert out.read_text() == first  # deterministic: identical rerun is a no-op
-    assert cli.main([f"folds.file={out}", "folds.n_folds=4", "folds.seed=4"]) == 1
+    assert run(cli.main, [f"folds.file={out}", "folds.n_folds=4", "folds.seed=4"]) == 2
     assert out.read_text() == first
+    assert "--force" in caplog.text
     # too few patients -> clean error
     tiny = m.head(3)
     monkeypatch.setattr(cli, "_build_manifest", lambda dcfg: tiny)
-    assert cli.main([f"folds.file={tmp_path / 'x.csv'}"]) == 1
+    assert run(cli.main, [f"folds.file={tmp_path / 'x.csv'}"]) == 2
     assert "patients for 5 folds" in caplog.text
 
 

@@ -21,7 +21,7 @@ from pneumoseg.submission import (
     write_submission,
 )
 
-from conftest import REPO, run_script, tiny_overrides
+from conftest import REPO, run_cli, run_script, tiny_overrides
 
 sys.path.insert(0, str(REPO / "src"))
 import predict
@@ -116,6 +116,7 @@ def test_load_models_folds_blend_and_errors(tmp_path):
         "exp": "a",
         "train": {"out_dir": str(runs)},
         "predict": {"experiments": [], "folds": None},
+        "folds": {"n_folds": 2},
     }
     ms = load_models(cfg)
     assert len(ms) == 3 and all(abs(m.weight - 1 / 3) < 1e-9 for m in ms)
@@ -124,7 +125,12 @@ def test_load_models_folds_blend_and_errors(tmp_path):
     assert [round(m.weight, 6) for m in ms] == [0.6, 0.4] and ms[1].cfg["in_channels"] == 1
     predict_probs(ms, _images(2), ["hflip"])  # 1- and 3-channel models together
     cfg["predict"] = {"experiments": [["c", 1]], "folds": None}
-    with pytest.raises(FileNotFoundError, match=r"fold0 \(last.pt only"):
+    with pytest.raises(FileNotFoundError, match=r"fold\(s\) \[0, 1\].*fold0 \(last.pt only"):
+        load_models(cfg)
+    cfg["predict"] = {"experiments": [["b", 1]], "folds": None}  # b has fold0 only
+    with pytest.raises(
+        FileNotFoundError, match=r"fold\(s\) \[1\] of folds.n_folds=2.*predict.folds"
+    ):
         load_models(cfg)
     cfg["predict"] = {"experiments": [["nope", 1]], "folds": None}
     with pytest.raises(FileNotFoundError, match=r"experiments under .*: a, b, c"):
@@ -232,6 +238,7 @@ def _real_setup(tmp_path, real_dir):
         "train.device=cpu",
         f"predict.out_dir={tmp_path / 'subs'}",
         "predict.batch_size=8",
+        "predict.folds=[0]",
     ]
     return ids, sample, over
 
@@ -249,8 +256,8 @@ def test_predict_real_stage2_dicoms(tmp_path, real_dir, caplog):
     full = real_dir / "stage2_test" / "stage_2_sample_submission.csv"
     over2 = [*over, "exp=realtest_full", "predict.experiments=[[realtest, 1]]"]
     argv2 = ["--config", DEMO, "--submission", "--sample", str(full), "--quiet"]
-    assert predict.main([*argv2, *over2]) == 1
-    assert "3185 of 3205 id(s)" in caplog.text
+    code, out = run_cli("predict", *argv2, *over2)
+    assert code == 2 and "3185 of 3205 id(s)" in out
     assert predict.main([*argv2, "--allow-missing", *over2]) == 0
     assert validate_submission(tmp_path / "subs" / "realtest_full.csv", full) == []
 
@@ -271,7 +278,8 @@ def test_image_overlay_for_a_real_dicom(tmp_path, real_dir, capsys):
 
 # ------------------------------------------------------------------------------------- end to end
 def test_submission_end_to_end_on_tiny_data(tiny_data, caplog):
-    over = [*tiny_overrides(tiny_data), "exp=predict_e2e", f"predict.out_dir={tiny_data / 'subs'}"]
+    over = [*tiny_overrides(tiny_data), "exp=predict_e2e", f"predict.out_dir={tiny_data / 'subs'}",
+            "predict.folds=[0]"]  # fmt: skip
     run_script("train", "--config", DEMO, "--fold", "0", "--quiet", *over)
     args = ["--config", DEMO, "--submission", "--quiet", *over]
     proc = run_script("predict", *args)
@@ -283,7 +291,15 @@ def test_submission_end_to_end_on_tiny_data(tiny_data, caplog):
     s = score_submission(sub, data / "test-rle.csv", (64, 64))
     assert s["n"] == 6 and 0.0 <= s["dice"] <= 1.0
     before = sub.read_bytes()
-    assert predict.main(args) == 1  # exists: refused, untouched
-    assert "exists; pass --force" in caplog.text and sub.read_bytes() == before
-    assert predict.main([*args, "--force", "predict.tta=[hflip, vflip]"]) == 0
+    code, out = run_cli("predict", *args)  # exists: refused, untouched
+    assert code == 2 and "exists; pass --force" in out and sub.read_bytes() == before
+    # --force with a bad sample: refused before anything replaces the good file
+    empty = tiny_data / "empty_sample.csv"
+    empty.write_text("ImageId,EncodedPixels\n")
+    code, out = run_cli("predict", *args, "--force", "--sample", str(empty))
+    assert code == 2 and "lists no ImageId" in out and sub.read_bytes() == before
+    # without fold 1 and without predict.folds: an error naming the missing fold
+    code, out = run_cli("predict", *args, "--force", "predict.folds=null")
+    assert code == 2 and "fold(s) [1]" in out and sub.read_bytes() == before
+    assert run_cli("predict", *args, "--force", "predict.tta=[hflip, vflip]")[0] == 0
     assert validate_submission(sub, sample, (64, 64)) == []

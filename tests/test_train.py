@@ -1,6 +1,7 @@
 """The trainer end to end on a tiny synthetic set (CPU, a few optimiser steps)."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, run_script, tiny_overrides
 
@@ -123,8 +125,10 @@ def test_ddp_two_cpu_processes_agree(tiny_data, tmp_path):
         "import sys, torch, torch.distributed as dist\n"
         f"sys.path.insert(0, {str(REPO / 'src')!r})\n"
         "import train\n"
+        "from pneumoseg.cli import config_from_args\n"
+        "from pneumoseg.training import fit\n"
         "args = train.get_args(sys.argv[1:])\n"
-        "out, model = train.main(args)\n"
+        "out, model = fit(config_from_args(args), args.fold, quiet=True)\n"
         "from pneumoseg.engine import init_distributed\n"
         "d = init_distributed('cpu')\n"
         "names = [n for n, _ in model.named_parameters()]\n"
@@ -170,8 +174,7 @@ def test_worker_augmentations_reproducible_and_picklable():
     import pickle
     from types import SimpleNamespace
 
-    sys.path.insert(0, str(REPO / "src"))
-    import train
+    from pneumoseg import training as train
     from pneumoseg.data import SegDataset
     from pneumoseg.transforms import build_transforms
 
@@ -193,3 +196,73 @@ def test_worker_augmentations_reproducible_and_picklable():
     torch.testing.assert_close(batches(1), batches(1))
     assert not torch.equal(batches(1), batches(2))
     assert pickle.loads(pickle.dumps(train.init_worker)) is train.init_worker
+
+
+# ------------------------------------------------------------------------------ reliability
+def test_trains_without_the_images_that_failed_to_decode(tiny_data, tmp_path):
+    """A truncated PNG fails in the (non-strict) cache: preprocess says so and exits 0, training
+    leaves it out with a logged count; strict mode refuses the cache."""
+    from conftest import run_cli
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data / "data", root)
+    victim = sorted((root / "png_images").glob("*_train_*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:120])  # header intact, pixels cut
+    over = [
+        *tiny_overrides(tmp_path),
+        f"data.root={root}",
+        "data.layout=png",
+        "data.train_images=png_images",
+        "exp=failed",
+    ]
+    code, out = run_cli("preprocess", "--config", "configs/demo.yaml", *over)
+    assert code == 0 and "1 image(s) failed to decode" in out, out
+    assert run_cli("make_folds", "--config", "configs/demo.yaml", *over)[0] == 0
+    code, out = run_cli("train", "--config", "configs/demo.yaml", "--quiet", *over,
+                        "train.epochs=1", "train.max_steps_per_epoch=1")  # fmt: skip
+    assert code == 0, out
+    assert "that failed to decode in the cache" in out
+    ids = pd.read_csv(tmp_path / "runs" / "failed" / "fold0" / "oof_ids.csv", dtype=str)["id"]
+    folds = pd.read_csv(tmp_path / "folds.csv", dtype=str)
+    assert len(ids) in (int((folds["fold"] == "0").sum()), int((folds["fold"] == "0").sum()) - 1)
+    code, out = run_cli("train", "--config", "configs/demo.yaml", "--quiet", *over,
+                        "--fold", "1", "data.strict=true")  # fmt: skip
+    assert code == 2 and "failed to decode" in out and "Traceback" not in out, out
+
+
+def test_failed_start_leaves_no_blocking_folder(tiny_data):
+    """A start that fails a check (here init_from of another model) creates no run folder; the
+    corrected command then runs without --force."""
+    from conftest import run_cli
+
+    over = [*tiny_overrides(tiny_data), "exp=failstart", "train.epochs=1",
+            "train.max_steps_per_epoch=1"]  # fmt: skip
+    bad = tiny_data / "not_a_model.pt"
+    bad.write_text("hello")
+    code, out = run_cli("train", "--config", "configs/demo.yaml", "--quiet", *over,
+                        f"train.init_from={bad}")  # fmt: skip
+    assert code == 2 and "not a PyTorch file" in out, out
+    assert not (tiny_data / "runs" / "failstart").exists()
+    code, out = run_cli("train", "--config", "configs/demo.yaml", "--quiet", *over)
+    assert code == 0, out
+
+
+def test_resume_refuses_changed_settings_and_keeps_the_run(tiny_data):
+    from conftest import run_cli
+
+    over = [*tiny_overrides(tiny_data), "exp=guarded", "train.epochs=2"]
+    _train(tiny_data, "guarded", "train.epochs=2", "train.stop_after_epoch=0")
+    out_dir = tiny_data / "runs" / "guarded" / "fold0"
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
+    code, out = run_cli("train", "--config", "configs/demo.yaml", "--quiet", "--resume", *over,
+                        "train.lr=0.5", "model.decoder_channels=[8, 8, 8, 8, 8]")  # fmt: skip
+    assert code == 2, out
+    assert "train.lr: 0.003 -> 0.5" in out and "model.decoder_channels" in out
+    after = {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
+    assert after == before  # config.yaml, last.pt, logs: untouched
+    # safe keys may change; config.yaml then records what ran
+    code, out = run_cli("train", "--config", "configs/demo.yaml", "--quiet", "--resume", *over,
+                        "train.num_workers=1")  # fmt: skip
+    assert code == 0 and "resuming with changed settings: train.num_workers" in out, out
+    saved = yaml.safe_load((out_dir / "config.yaml").read_text())
+    assert saved["train"]["num_workers"] == 1 and saved["train"]["lr"] == 0.003

@@ -1,13 +1,77 @@
-"""Plumbing shared by the scripts in ``src/``: common arguments, logging set-up, config loading."""
+"""Plumbing shared by the scripts in ``src/``: the entry wrapper, common arguments, logging set-up,
+config loading.
+
+Every script ends with ``sys.exit(run(main))``. :func:`run` is the one boundary between the
+library and the user: a :class:`~pneumoseg.errors.UserError` becomes one logged message and exit
+code 2 (``PartialFailure``: 1); an environment problem the user can fix (disk full, permission
+denied, read-only file system) is reported the same way; Ctrl-C exits 130 with one line. Anything
+else is a bug and keeps its traceback. ``--debug`` (any script) or ``PNEUMOSEG_DEBUG=1`` shows the
+traceback of user errors too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pneumoseg.errors import UserError
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DEBUG_FLAG = "--debug"
+log = logging.getLogger("pneumoseg")
+
+# OSErrors that are the machine's state, not a bug: reported as a message with the path.
+_ENV_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "the file system is read-only",
+    errno.ENAMETOOLONG: "the file name is too long",
+}
+
+
+def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
+    """Call ``main(argv)`` and turn user errors into one message; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get("PNEUMOSEG_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    try:
+        return int(main(argv) or 0)
+    except UserError as e:
+        if debug:
+            raise
+        _ensure_logging()
+        log.error("%s", e)
+        return e.exit_code
+    except OSError as e:
+        if debug or e.errno not in _ENV_ERRNOS:
+            raise
+        _ensure_logging()
+        where = f": {e.filename}" if e.filename else ""
+        log.error("%s%s (%s). Free space or fix the permissions, then run again: finished "
+                  "work is kept.", _ENV_ERRNOS[e.errno], where, e.strerror)  # fmt: skip
+        return 2
+    except KeyboardInterrupt:
+        _ensure_logging()
+        log.error("interrupted: finished work is kept; run the same command again to go on")
+        return 130
+
+
+def _ensure_logging() -> None:
+    if not logging.getLogger().handlers:
+        setup_logging()
+
+
+def add_debug(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Document ``--debug`` in a script's help (``run`` strips it before parsing)."""
+    ap.add_argument(DEBUG_FLAG, action="store_true", help="show tracebacks of user errors too")
+    return ap
 
 
 def make_parser(doc: str | None, override_example: str) -> argparse.ArgumentParser:
@@ -16,7 +80,7 @@ def make_parser(doc: str | None, override_example: str) -> argparse.ArgumentPars
     ap.add_argument("--config", help="experiment YAML merged over configs/base.yaml")
     ap.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {override_example}")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return ap
+    return add_debug(ap)
 
 
 def setup_logging(verbose: bool = False, logfile: Path | None = None, quiet: bool = False) -> None:
@@ -42,12 +106,8 @@ def setup_logging(verbose: bool = False, logfile: Path | None = None, quiet: boo
         root.addHandler(fh)
 
 
-def config_from_args(args: argparse.Namespace, log: logging.Logger) -> dict | None:
-    """The resolved config, or None after logging why it is invalid (scripts then exit 2)."""
-    from pneumoseg.config import ConfigError, load_config
+def config_from_args(args: argparse.Namespace) -> dict:
+    """The resolved, validated config (raises ``ConfigError``, reported by :func:`run`)."""
+    from pneumoseg.config import load_config
 
-    try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as e:
-        log.error("%s", e)
-        return None
+    return load_config(args.config, args.overrides)

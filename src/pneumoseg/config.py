@@ -23,7 +23,10 @@ from typing import Any
 
 import yaml
 
+from pneumoseg.errors import ConfigError
 from pneumoseg.io import atomic_write
+
+__all__ = ["ConfigError", "dump_config", "load_config", "log_config", "save_config"]
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +34,27 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
 
 
-class ConfigError(ValueError):
-    """Unknown key, wrong type or malformed override."""
-
-
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, allow_empty: bool = False) -> dict:
+    if path.is_dir():
+        raise ConfigError(
+            f"{path} is a folder; --config takes a YAML file such as configs/demo.yaml"
+        )
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) YAML file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if data is None:
-        return {}
+        if allow_empty:
+            return {}
+        raise ConfigError(
+            f"{path} is empty: an experiment file states what differs from configs/base.yaml "
+            "(e.g. 'exp: my_run'); run without --config to use the defaults"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -117,8 +127,13 @@ def load_config(
     path: str | Path | None = None,
     overrides: Iterable[str] = (),
     base: str | Path | None = None,
+    validate: bool | None = None,
 ) -> dict:
-    """Base defaults + experiment file ``path`` + dotted ``overrides`` -> resolved nested dict."""
+    """Base defaults + experiment file ``path`` + dotted ``overrides`` -> resolved nested dict.
+
+    The values are then checked (:func:`pneumoseg.schema.validate_config`: registry names, ranges,
+    devices); ``validate`` defaults to on with the project's base file (other bases are tests').
+    """
     base_path = Path(base) if base else BASE_CONFIG
     cfg = _read_yaml(base_path)
     if path is not None:
@@ -128,6 +143,10 @@ def load_config(
         if "exp" in cfg and "exp" not in exp:
             cfg["exp"] = path.stem  # runs/<exp>/ defaults to the experiment file's name
     _merge(cfg, parse_overrides(overrides), "", "command line")
+    if validate if validate is not None else base is None:
+        from pneumoseg.schema import validate_config
+
+        validate_config(cfg)
     return cfg
 
 

@@ -43,7 +43,8 @@ import numpy as np
 import pandas as pd
 
 from pneumoseg import io as pio
-from pneumoseg.rle import read_rle_csv, union_mask
+from pneumoseg.errors import ConfigError, DataError, MissingFileError
+from pneumoseg.rle import read_rle_csv, rle_decode, union_mask
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,10 @@ class ManifestProblems:
             entries = self.items.get(kind, [])
             if not entries:
                 continue
+            if kind == "bad_mask":  # each is a row to fix (CSV line, ImageId, why): list all
+                lines.append(f"  {len(entries)} {text}:")
+                lines.extend(f"    {n}: {d}" if d else f"    {n}" for n, d in entries)
+                continue
             shown = [f"{n} ({d})" if d else n for n, d in entries[:_SHOW]]
             more = f", ... and {len(entries) - _SHOW} more" if len(entries) > _SHOW else ""
             lines.append(f"  {len(entries)} {text}: {', '.join(shown)}{more}")
@@ -216,13 +221,11 @@ def _default_threads() -> int:
 def load_patient_map(path: str | Path) -> dict[str, str]:
     """``Kaggle_ID,NIH_ID`` CSV -> ``{Kaggle_ID: patient}`` with the NIH name's prefix as patient."""
     path = Path(path)
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"patient map not found: {path}") from None
+    df = pio.read_csv(path, "patient map (data.patient_map)", dtype=str, keep_default_na=False,
+                      encoding="utf-8-sig")  # fmt: skip
     cols = {c.strip().lower(): c for c in df.columns}
     if "kaggle_id" not in cols or "nih_id" not in cols:
-        raise ValueError(f"{path}: expected columns Kaggle_ID,NIH_ID, got {list(df.columns)}")
+        raise DataError(f"{path}: expected columns Kaggle_ID,NIH_ID, got {list(df.columns)}")
     kaggle = df[cols["kaggle_id"]].str.strip()
     patient = df[cols["nih_id"]].str.strip().str.split("_", n=1).str[0]
     return dict(zip(kaggle, patient, strict=True))
@@ -270,7 +273,7 @@ def _siim_rows(
 ) -> list[dict]:
     img_dir = _under(root, cfg["train_images"] if split == "train" else cfg["test_images"])
     if img_dir is None or not img_dir.is_dir():
-        raise FileNotFoundError(f"DICOM folder not found: {img_dir} (data.root={root})")
+        raise MissingFileError(f"DICOM folder not found: {img_dir} (data.root={root})")
     csv_path = _under(root, cfg["rle_csv"] if split == "train" else cfg["test_rle_csv"])
     relative = cfg["rle_format"] == "relative"
 
@@ -283,8 +286,9 @@ def _siim_rows(
     log.info("%s: %d DICOM file(s) under %s", split, len(by_id), img_dir)
 
     truth: dict[str, list[str]] | None = None
+    row_lines: dict[str, list[int]] = {}  # ImageId -> CSV line of each of its RLE rows
     if csv_path is not None:
-        truth = read_rle_csv(csv_path, shape=None, relative=relative)
+        truth = read_rle_csv(csv_path, shape=None, relative=relative, lines=row_lines)
         log.info("%s: %d id(s) in %s", split, len(truth), csv_path)
         for image_id in truth:
             if image_id not in by_id:
@@ -296,7 +300,7 @@ def _siim_rows(
         if split == "train":
             by_id = {i: p for i, p in by_id.items() if i in truth}
     elif split == "train":
-        raise ValueError("data.rle_csv is required for the train split of the siim layout")
+        raise ConfigError("data.rle_csv is required for the train split of the siim layout")
 
     ids = sorted(by_id)
 
@@ -309,8 +313,21 @@ def _siim_rows(
         if rles:
             try:
                 area = int(union_mask(rles, (h, w), relative).sum(dtype=np.int64))
-            except ValueError as e:
-                raise _MaskError(str(e)) from None
+            except ValueError:
+                # Name the row that does not fit this image: "<csv>:<line>: ImageId <id>: why".
+                for k, rle in enumerate(rles):
+                    try:
+                        rle_decode(rle, (h, w), relative)
+                    except ValueError as e:
+                        at = row_lines.get(image_id, [])
+                        where = f"{csv_path}:{at[k]}" if k < len(at) else str(csv_path)
+                        why = str(e)
+                        likely = getattr(e, "likely", None)  # valid in the other RLE form
+                        if likely:
+                            why = f"{e.reason}; it looks like {likely} RLE: "
+                            why += f"set data.rle_format={likely}"
+                        raise _MaskError(f"{where}: ImageId {image_id}: {why}") from None
+                raise
         return {
             "id": image_id,
             "image_path": str(path),
@@ -374,14 +391,15 @@ def _png_rows(
     img_dir = _under(root, cfg["train_images"] if split == "train" else cfg["test_images"])
     mask_dir = _under(root, cfg["train_masks"])
     if index_path is None or not index_path.is_file():
-        raise FileNotFoundError(f"png index CSV not found: {index_path} (data.root={root})")
+        raise MissingFileError(f"png index CSV not found: {index_path} (data.root={root})")
     if img_dir is None or not img_dir.is_dir():
-        raise FileNotFoundError(f"png image folder not found: {img_dir} (data.root={root})")
-    index = pd.read_csv(index_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        raise MissingFileError(f"png image folder not found: {img_dir} (data.root={root})")
+    index = pio.read_csv(index_path, "png index CSV", dtype=str, keep_default_na=False,
+                         encoding="utf-8-sig")  # fmt: skip
     index.columns = [c.strip() for c in index.columns]
     need = {"new_filename", "ImageId"}
     if not need <= set(index.columns):
-        raise ValueError(
+        raise DataError(
             f"{index_path}: expected columns new_filename,ImageId[,has_pneumo], got {list(index.columns)}"
         )
     log.info("%s: %d row(s) in %s", split, len(index), index_path)
@@ -481,7 +499,9 @@ def build_manifest(
     strict = bool(cfg["strict"]) if strict is None else bool(strict)
     root = Path(str(cfg["root"]))
     if not root.is_dir():
-        raise FileNotFoundError(f"data.root not found: {root}")
+        raise MissingFileError(
+            f"data.root not found: {root} (run from the repo root, or fix data.root)"
+        )
     problems = ManifestProblems(f"manifest ({cfg['layout']} layout, {split} split, {root})")
     n_jobs = n_jobs or _default_threads()
 
@@ -504,7 +524,7 @@ def build_manifest(
     if problems:
         text = problems.summary()
         if strict:
-            raise ValueError(f"{text}\n(strict mode: fix the data or set data.strict=false)")
+            raise DataError(f"{text}\n(strict mode: fix the data or set data.strict=false)")
         excluded = sum(len(v) for k, v in problems.items.items() if _KINDS[k][1])
         log.warning("%s\n  -> %d row(s) left out; %d kept", text, excluded, len(df))
     log.info(
@@ -536,11 +556,13 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
             na_values={"age": ["", "nan", "NaN"]},
         )
     except FileNotFoundError:
-        raise FileNotFoundError(f"manifest not found: {path}") from None
+        raise MissingFileError(f"manifest not found: {path}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not a valid manifest ({type(e).__name__})") from None
     try:
         return _coerce(df)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: not a valid manifest: {e}") from None
+        raise DataError(f"{path}: not a valid manifest: {e}") from None
 
 
 # ==================================================================================================
@@ -573,7 +595,7 @@ def read_image(row: Mapping[str, Any] | pd.Series) -> np.ndarray:
     img = pio.read_image(path)
     expect = (int(_get(row, "height")), int(_get(row, "width")))
     if img.shape != expect:
-        raise ValueError(f"{path}: image is {img.shape}, manifest says {expect}")
+        raise DataError(f"{path}: image is {img.shape}, manifest says {expect}")
     return img
 
 
@@ -586,7 +608,7 @@ def read_mask(row: Mapping[str, Any] | pd.Series) -> np.ndarray:
             return np.zeros((h, w), dtype=np.uint8)
         mask = (pio.read_png(mpath) > 0).astype(np.uint8)
         if mask.shape != (h, w):
-            raise ValueError(f"{mpath}: mask is {mask.shape}, manifest says {(h, w)}")
+            raise DataError(f"{mpath}: mask is {mask.shape}, manifest says {(h, w)}")
         return mask
     csv_path = str(_get(row, "rle_csv") or "")
     if not csv_path:
@@ -596,7 +618,7 @@ def read_mask(row: Mapping[str, Any] | pd.Series) -> np.ndarray:
     try:
         return union_mask(rles, (h, w), relative)
     except ValueError as e:
-        raise ValueError(f"{csv_path}: ImageId {_get(row, 'id')}: {e}") from None
+        raise DataError(f"{csv_path}: ImageId {_get(row, 'id')}: {e}") from None
 
 
 def iter_rows(df: pd.DataFrame) -> Iterable[dict[str, Any]]:
@@ -628,7 +650,7 @@ def normalize(images, in_channels: int):
         std = torch.tensor(_STD, device=x.device).view(3, 1, 1)
         return (x.expand(*x.shape[:-3], 3, *x.shape[-2:]) - mean) / std
     if in_channels != 1:
-        raise ValueError(f"model.in_channels must be 1 or 3, got {in_channels}")
+        raise ConfigError(f"model.in_channels must be 1 or 3, got {in_channels}")
     return (x - float(np.mean(_MEAN))) / float(np.mean(_STD))
 
 
@@ -649,6 +671,21 @@ class SegDataset:
         else:
             self.transforms = (transforms, transforms)
         self.has_mask = cache.manifest["has_mask"].to_numpy(dtype=bool)[self.indices]
+        # Failed (undecodable) or unbuilt entries hold zeros, not data: refuse them rather than
+        # train on blank images. ``Cache.ok``; stand-in caches without it are taken as complete.
+        ok = getattr(cache, "ok", None)
+        if ok is not None and len(self.indices):
+            bad = self.indices[~np.asarray(ok, dtype=bool)[self.indices]]
+            if len(bad):
+                from pneumoseg.errors import CacheError
+
+                ids = [str(x) for x in cache.manifest["id"].to_numpy()[bad[:_SHOW]]]
+                raise CacheError(
+                    f"{getattr(cache, 'path', 'cache')}: {len(bad)} of the {len(self.indices)} "
+                    f"selected entries failed to decode or are not built ({', '.join(ids)}"
+                    f"{', ...' if len(bad) > _SHOW else ''}): leave them out with "
+                    "cache.usable(indices), or fix the images and run src/preprocess.py again"
+                )
 
     def __len__(self) -> int:
         return len(self.indices)

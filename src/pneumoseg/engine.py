@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import pickle  # nosec B403
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from pneumoseg.errors import ModelFileError, UnknownNameError
 from pneumoseg.io import atomic_save
 from pneumoseg.metrics import dice_from_areas
 from pneumoseg.models import split_output
@@ -172,7 +174,7 @@ def build_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
     name = cfg["optimizer"].lower()
     opts = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if name not in opts:
-        raise KeyError(f"unknown train.optimizer {name!r}; valid: {', '.join(opts)}")
+        raise UnknownNameError(f"unknown train.optimizer {name!r}; valid: {', '.join(opts)}")
     return opts[name](model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
 
@@ -187,7 +189,7 @@ def build_scheduler(optimizer, cfg: Mapping, steps_per_epoch: int):
             optimizer, mode="max", factor=cfg["plateau_factor"], patience=cfg["plateau_patience"]
         )
     if name != "cosine":
-        raise KeyError(f"unknown train.scheduler {name!r}; valid: cosine, plateau, none")
+        raise UnknownNameError(f"unknown train.scheduler {name!r}; valid: cosine, plateau, none")
     total = max(1, cfg["epochs"] * steps_per_epoch)
     warmup = int(cfg["warmup_epochs"] * steps_per_epoch)
     floor = cfg["min_lr"] / cfg["lr"]
@@ -376,8 +378,77 @@ def save_torch(obj, path: Path) -> Path:
     return atomic_save(path, lambda fh: torch.save(obj, fh))
 
 
-def load_torch(path: str | Path, map_location="cpu"):
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load_torch(path: str | Path, map_location="cpu", what: str = "checkpoint"):
+    """``torch.load(weights_only=True)`` whose failures name the file and say what is wrong.
+
+    Only tensors and plain containers load: a file carrying code (pickled objects) is refused.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{what} {path} is a folder, not a .pt file")
+    if not path.is_file():
+        raise ModelFileError(f"{what} not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelFileError(
+            f"{what} {path} is empty (0 bytes): it was never written completely; "
+            "retrain it or copy it again"
+        )
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    # torch.save writes a zip archive (PK..); files from torch < 1.6 are a bare pickle (0x80).
+    if not (magic.startswith(b"PK") or magic[:1] == b"\x80"):
+        raise ModelFileError(
+            f"{what} {path} is not a PyTorch file ({size} bytes, starts with {magic!r}); "
+            "point at a .pt file written by torch.save"
+        )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        # The magic bytes say it is a torch/pickle file: a weights-only refusal then means it
+        # holds objects other than tensors (classes, functions: possibly code).
+        if "Weights only load failed" in text:
+            raise ModelFileError(
+                f"{what} {path} holds Python objects besides tensors (possibly code), so it is "
+                "refused: pneumoseg only loads plain weights (torch.load weights_only=True). "
+                "If you made it yourself and trust it, re-save its state_dict"
+            ) from None
+        raise ModelFileError(f"{what} {path} is not a PyTorch file ({size} bytes)") from None
+    except (EOFError, RuntimeError, OSError, ValueError, UnicodeDecodeError) as e:
+        kind = "truncated or corrupt" if "zip" in str(e).lower() else "not a PyTorch file"
+        raise ModelFileError(
+            f"{what} {path} is {kind} ({size} bytes; {type(e).__name__}); "
+            "retrain it or copy it again"
+        ) from None
+
+
+def load_weights(model: nn.Module, state: Mapping, path: str | Path, what: str = "weights") -> None:
+    """``model.load_state_dict(state)`` whose mismatch says which file does not fit which model."""
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise ModelFileError(f"{what} {path}: holds no state dict of tensors")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} of another shape (e.g. {k}: {tuple(state[k].shape)} "
+                         f"in the file, {tuple(own[k].shape)} in the model)")  # fmt: skip
+        raise ModelFileError(
+            f"{what} {path} do not fit this model: {'; '.join(parts)} weights. It was trained "
+            "with other model.* settings (arch, encoder, in_channels, decoder_channels, "
+            "aux_head): use the same ones, or another file"
+        )
+    model.load_state_dict(state)
 
 
 def average_state_dicts(paths: Iterable[str | Path]) -> dict[str, torch.Tensor]:

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pneumoseg.errors import FoldsError
+
 log = logging.getLogger(__name__)
 
 FOLD_COLUMNS = ["id", "fold", "has_mask", "area_bin", "patient"]
@@ -39,10 +41,6 @@ TRAIN_ONLY = -1  # fold of images trained on in every fold and never validated (
 _ID_COLUMNS = ("id", "ImageId", "image_id", "fname", "Kaggle_ID", "filename")
 _MASK_COLUMNS = ("has_mask", "exist_labels", "has_pneumo", "label")
 _ID_SUFFIXES = (".png", ".dcm", ".jpg", ".jpeg")
-
-
-class FoldsError(ValueError):
-    """Folds cannot be made or imported as asked (too few patients, bad file, missing ids)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,6 +362,65 @@ def _strip_suffix(s: pd.Series) -> pd.Series:
     for suf in _ID_SUFFIXES:
         out = out.str.removesuffix(suf)
     return out
+
+
+def fold_assignment(
+    path: str | Path, n_folds: int, allow_patient_split: bool = False
+) -> dict[str, int]:
+    """``{id: fold}`` from a folds file written by ``make_folds.py``, checked strictly for training:
+
+    folds are integers in ``0..n_folds-1`` (or -1, train-only), ids are unique, and no patient
+    sits in two folds (that would leak between train and validation and inflate the CV) unless
+    ``allow_patient_split`` (``folds.allow_patient_split``, e.g. to reproduce imported folds).
+    Errors name the file and line.
+    """
+    from pneumoseg.io import read_csv
+
+    path = Path(path)
+    df = read_csv(path, "folds file", "make it with src/make_folds.py", dtype=str,
+                  keep_default_na=False)  # fmt: skip
+    df.columns = [str(c).strip() for c in df.columns]
+    if "id" not in df.columns or "fold" not in df.columns:
+        raise FoldsError(f"{path}: needs columns id and fold, has {list(df.columns)}")
+    if df.empty:
+        raise FoldsError(f"{path}: no rows; rebuild it with src/make_folds.py --force")
+    line = pd.Series(np.arange(len(df)) + 2, index=df.index)  # header is line 1
+    fold = df["fold"].str.strip()
+    ok = fold.str.fullmatch(r"-?\d+")
+    if not ok.all():
+        i = ok.idxmin()
+        raise FoldsError(
+            f"{path}:{line[i]}: id {df['id'][i]!r} has fold {df['fold'][i]!r}; folds are integers "
+            f"0..{n_folds - 1} (-1 = train-only)"
+        )
+    num = fold.astype(np.int64)
+    bad = (num < TRAIN_ONLY) | (num >= n_folds)
+    if bad.any():
+        i = bad.idxmax()
+        raise FoldsError(
+            f"{path}:{line[i]}: fold {num[i]} is outside 0..{n_folds - 1} (folds.n_folds="
+            f"{n_folds}); remake the folds with the same folds.n_folds as this config"
+        )
+    ids = df["id"].str.strip()
+    dup = ids.duplicated(keep="first")
+    if dup.any():
+        i = dup.idxmax()
+        first = line[ids[ids == ids[i]].index[0]]
+        raise FoldsError(f"{path}:{line[i]}: id {ids[i]!r} already appears on line {first}")
+    if "patient" in df.columns and not allow_patient_split:
+        cv = num >= 0
+        per = pd.DataFrame({"p": df["patient"][cv], "f": num[cv]}).groupby("p")["f"].nunique()
+        split = per[per > 1]
+        if len(split):
+            p0 = split.index[0]
+            where = sorted(set(num[cv & (df["patient"] == p0)].tolist()))
+            raise FoldsError(
+                f"{path}: {len(split)} patient(s) have images in more than one fold, e.g. patient "
+                f"{p0!r} in folds {where}: validation would see patients trained on. Remake the "
+                "folds with src/make_folds.py, or set folds.allow_patient_split=true to use "
+                "them anyway (e.g. imported 1st-place folds)"
+            )
+    return dict(zip(ids, num.tolist(), strict=True))
 
 
 def read_folds(path: str | Path) -> pd.DataFrame:

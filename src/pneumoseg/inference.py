@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumoseg.data import normalize  # the training normalisation, applied on the device
-from pneumoseg.engine import autocast, load_torch
+from pneumoseg.engine import autocast, load_torch, load_weights
+from pneumoseg.errors import ConfigError, MissingFileError, ModelFileError
 from pneumoseg.models import build_model, split_output
 
 log = logging.getLogger(__name__)
@@ -64,24 +65,29 @@ def experiment_list(cfg: Mapping[str, Any]) -> list[tuple[str, float]]:
         elif isinstance(item, Sequence) and len(item) == 2:
             name, weight = str(item[0]), float(item[1])
         else:
-            raise ValueError(f"predict.experiments entries must be [exp, weight], got {item!r}")
+            raise ConfigError(f"predict.experiments entries must be [exp, weight], got {item!r}")
         if not weight > 0 or not math.isfinite(weight):
-            raise ValueError(f"predict.experiments: weight of {name!r} must be > 0, got {weight}")
+            raise ConfigError(f"predict.experiments: weight of {name!r} must be > 0, got {weight}")
         out.append((name, weight))
     return out or [(str(cfg["exp"]), 1.0)]
 
 
-def _fold_dirs(exp_dir: Path, folds) -> list[Path]:
-    """Run folders holding a ``model.pt``: ``folds`` None = every ``fold<k>`` (numeric order) and
-    ``full``; else the listed folds (ints; -1 or ``"full"`` = the all-data run)."""
+def _fold_dirs(exp_dir: Path, folds, n_folds: int) -> list[Path]:
+    """Run folders whose ``model.pt`` to ensemble.
+
+    ``folds`` None: every fold ``0..n_folds-1`` must be trained (an ensemble silently missing a
+    fold scores worse than the CV says), plus ``full`` when it exists. Else exactly the listed
+    folds (ints; -1 or ``"full"`` = the all-data run).
+    """
     if folds is None:
-        found = []
-        if exp_dir.is_dir():
-            for d in exp_dir.iterdir():
-                m = _FOLD_RE.match(d.name)
-                if m and (d / "model.pt").is_file():
-                    found.append((int(m.group(1)), d))
-        dirs = [d for _, d in sorted(found)]
+        missing = [k for k in range(n_folds) if not (exp_dir / f"fold{k}" / "model.pt").is_file()]
+        if missing:
+            raise MissingFileError(
+                f"{exp_dir}: no model.pt for fold(s) {missing} of folds.n_folds={n_folds}; "
+                f"{_describe(exp_dir)}. Train them (src/train.py --fold k), or name the folds to "
+                f"use with predict.folds=[...]"
+            )
+        dirs = [exp_dir / f"fold{k}" for k in range(n_folds)]
         if (exp_dir / "full" / "model.pt").is_file():
             dirs.append(exp_dir / "full")
         return dirs
@@ -92,7 +98,7 @@ def _fold_dirs(exp_dir: Path, folds) -> list[Path]:
         name = "full" if str(f) in ("-1", "full") else f"fold{int(f)}"
         d = exp_dir / name
         if not (d / "model.pt").is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"predict.folds asks for {name} but {d / 'model.pt'} does not exist; "
                 f"{_describe(exp_dir)}"
             )
@@ -122,14 +128,26 @@ def load_member(
 ) -> Member:
     """Build the model a ``model.pt`` describes (its own ``config["model"]``) and load its weights
     (in eval mode; ``channels_last`` memory format, faster on CPU and on GPU tensor cores)."""
-    ckpt = load_torch(path)
-    if "state_dict" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path}: not a pneumoseg model.pt (needs 'state_dict' and 'config')")
+    ckpt = load_torch(path, what="model file")
+    if (
+        not isinstance(ckpt, Mapping)
+        or "state_dict" not in ckpt
+        or not isinstance(ckpt.get("config"), Mapping)
+        or not isinstance(ckpt["config"].get("model"), Mapping)
+    ):
+        raise ModelFileError(
+            f"model file {path} is not a pneumoseg model.pt (needs 'state_dict' and 'config', "
+            "as src/train.py writes them)"
+        )
     mcfg = dict(ckpt["config"]["model"])
     mcfg["encoder_weights"] = None  # the checkpoint holds every weight: nothing to download
     mcfg["encoder_weights_path"] = None
-    model = build_model(mcfg)
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model = build_model(mcfg)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelFileError(f"model file {path}: its config describes no model this "
+                             f"version can build ({e})") from None  # fmt: skip
+    load_weights(model, ckpt["state_dict"], path, "model file")
     model.to(device).eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -147,12 +165,7 @@ def load_models(cfg: Mapping[str, Any], device="cpu", channels_last: bool = True
     members: list[Member] = []
     for exp, weight in experiment_list(cfg):
         exp_dir = out_dir / exp
-        dirs = _fold_dirs(exp_dir, folds)
-        if not dirs:
-            raise FileNotFoundError(
-                f"no trained model for experiment {exp!r}: no {exp_dir}/fold*/model.pt or "
-                f"full/model.pt; {_describe(exp_dir)}. Train it with src/train.py first."
-            )
+        dirs = _fold_dirs(exp_dir, folds, int(cfg["folds"]["n_folds"]))
         for d in dirs:
             m = load_member(d / "model.pt", weight / len(dirs), device, channels_last)
             log.info(
@@ -183,11 +196,11 @@ def parse_tta(tta) -> tuple[bool, bool, list[float]]:
         try:
             s = float(t)
         except (TypeError, ValueError):
-            raise ValueError(
+            raise ConfigError(
                 f"predict.tta: unknown view {t!r}; valid: hflip, vflip, or a scale like 0.875"
             ) from None
         if not 0.25 <= s <= 4:
-            raise ValueError(f"predict.tta: scale {s} out of range [0.25, 4]")
+            raise ConfigError(f"predict.tta: scale {s} out of range [0.25, 4]")
         if s != 1.0 and s not in scales:
             scales.append(s)
     return hflip, vflip, scales

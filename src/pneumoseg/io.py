@@ -27,6 +27,8 @@ from typing import IO, Any
 import cv2
 import numpy as np
 
+from pneumoseg.errors import DataError, MissingFileError
+
 # --------------------------------------------------------------------------------------------------
 # atomic writes
 # --------------------------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ _VIEW_RE = re.compile(r"view\s*:\s*([A-Za-z]+)", re.IGNORECASE)
 _JPEG_EOI = b"\xff\xd9"
 
 
-class DicomReadError(ValueError):
+class DicomReadError(DataError):
     """A DICOM file that cannot be read or decoded (the message names the file)."""
 
 
@@ -116,9 +118,18 @@ def _dcmread(path: Path, **kwargs):
             warnings.simplefilter("ignore")  # truncation warnings: we report them ourselves
             return pydicom.dcmread(path, **kwargs)
     except FileNotFoundError:
-        raise FileNotFoundError(f"DICOM file not found: {path}") from None
+        raise MissingFileError(f"DICOM file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder, not a DICOM file") from None
+    except pydicom.errors.InvalidDicomError:
+        size = path.stat().st_size if path.is_file() else 0
+        what = "an empty file" if size == 0 else f"{size} bytes without the DICOM 'DICM' header"
+        raise DicomReadError(f"{path}: not a DICOM file ({what})") from None
     except Exception as e:
-        raise DicomReadError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from e
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise DicomReadError(
+            f"{path}: not a readable DICOM file ({type(e).__name__}: {first})"
+        ) from e
 
 
 def _require_size(path: Path, tags: dict) -> None:
@@ -232,12 +243,10 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------
 def read_png(path: str | Path) -> np.ndarray:
     """Read a PNG (gray, RGB, 16-bit...) as a uint8 H×W grayscale array."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"PNG file not found: {path}")
+    path = _existing_file(path)
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is None:
-        raise ValueError(f"{path}: cannot decode image (corrupt or not a PNG)")
+        raise DataError(f"{path}: cannot decode the image (corrupt, empty, or not a PNG/JPEG)")
     if arr.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if arr.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         arr = cv2.cvtColor(arr, code)
@@ -252,7 +261,7 @@ def png_size(path: str | Path) -> tuple[int, int]:
     with open(path, "rb") as fh:
         head = fh.read(24)
     if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        raise ValueError(f"{path}: not a PNG file")
+        raise DataError(f"{path}: not a PNG file")
     width = int.from_bytes(head[16:20], "big")
     height = int.from_bytes(head[20:24], "big")
     return height, width
@@ -260,7 +269,47 @@ def png_size(path: str | Path) -> tuple[int, int]:
 
 def read_image(path: str | Path) -> np.ndarray:
     """uint8 H×W image from a DICOM (``.dcm``/``.dicom``) or any format OpenCV reads (PNG...)."""
-    path = Path(path)
+    path = _existing_file(path)
     if path.suffix.lower() in DICOM_SUFFIXES:
         return read_dicom(path)[0]
     return read_png(path)
+
+
+def _existing_file(path: str | Path) -> Path:
+    """``path`` as a Path; a typed error when it is missing or a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not an image file: pass the image files themselves")
+    if not path.is_file():
+        raise MissingFileError(f"image file not found: {path}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# CSV tables
+# --------------------------------------------------------------------------------------------------
+def read_csv(path: str | Path, what: str, hint: str = "", **kwargs):
+    """``pandas.read_csv`` whose failures are typed errors naming the file and ``what`` it is.
+
+    Missing -> :class:`MissingFileError` (``hint`` says which step makes it); empty, binary,
+    not UTF-8, or malformed -> :class:`DataError`.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    tail = f"; {hint}" if hint else ""
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a folder, expected a CSV file{tail}")
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found: {path}{tail}")
+    try:
+        return pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{what} {path} is empty (no header, no rows){tail}") from None
+    except UnicodeDecodeError:
+        raise DataError(
+            f"{what} {path} is not a UTF-8 text CSV (binary or another encoding)"
+        ) from None
+    except (pd.errors.ParserError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DataError(f"{what} {path} is not a valid CSV: {first}{tail}") from None

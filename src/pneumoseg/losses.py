@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.losses import LovaszLoss
 from torch import nn
 
+from pneumoseg.errors import UnknownNameError
+
 
 def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean binary cross-entropy over all pixels."""
@@ -68,7 +70,9 @@ def get_loss(name: str):
     try:
         return LOSSES[name]
     except KeyError:
-        raise KeyError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}") from None
+        raise UnknownNameError(
+            f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}"
+        ) from None
 
 
 class ComboLoss(nn.Module):

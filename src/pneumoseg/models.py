@@ -20,6 +20,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from pneumoseg.errors import MissingFileError, ModelFileError, UnknownNameError, UserError
+
 log = logging.getLogger(__name__)
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -34,20 +36,25 @@ def _lookup(registry: dict, name: str, what: str):
     try:
         return registry[name.lower()]
     except KeyError:
-        raise KeyError(f"unknown {what} {name!r}; valid: {', '.join(sorted(registry))}") from None
+        raise UnknownNameError(
+            f"unknown {what} {name!r}; valid: {', '.join(sorted(registry))}"
+        ) from None
 
 
-def _check_encoder(name: str) -> None:
+def check_encoder(name: str) -> None:
+    """Raise ``KeyError`` listing the valid names when ``name`` is no smp/timm encoder."""
     if name.startswith("tu-"):
         import timm
 
         if not timm.is_model(name[3:]):
-            raise KeyError(f"unknown timm encoder {name!r} (timm has no model {name[3:]!r})")
+            raise UnknownNameError(
+                f"unknown timm encoder {name!r} (timm has no model {name[3:]!r})"
+            )
         return
     from segmentation_models_pytorch.encoders import encoders
 
     if name not in encoders:
-        raise KeyError(
+        raise UnknownNameError(
             f"unknown encoder {name!r}; valid smp encoders: {', '.join(sorted(encoders))}, "
             "or any timm model as 'tu-<name>'"
         )
@@ -57,7 +64,7 @@ def build_model(cfg: dict) -> nn.Module:
     """Build the segmentation model described by the ``model`` config section."""
     arch = _lookup(ARCHITECTURES, cfg["arch"], "architecture")
     encoder = cfg["encoder"]
-    _check_encoder(encoder)
+    check_encoder(encoder)
     weights = cfg.get("encoder_weights")
     weights_path = cfg.get("encoder_weights_path")
     kwargs = {}
@@ -76,7 +83,7 @@ def build_model(cfg: dict) -> nn.Module:
         )
     except (OSError, ConnectionError, RuntimeError) as e:
         if weights and not weights_path and _looks_like_download_error(e):
-            raise RuntimeError(
+            raise UserError(
                 f"could not download {weights!r} weights for encoder {encoder!r} "
                 f"({type(e).__name__}: {str(e)[:200]}). This machine looks offline. Download the "
                 f"weights where there is internet (smp-hub/{encoder}.{weights} on the Hugging Face "
@@ -104,15 +111,23 @@ def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model.encoder_weights_path: no such file {path}")
+        raise MissingFileError(f"model.encoder_weights_path: no such file {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise ModelFileError(f"model.encoder_weights_path {path}: not a readable "
+                                 f"safetensors file ({type(e).__name__})") from None  # fmt: skip
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from pneumoseg.engine import load_torch  # engine imports this module
+
+        state = load_torch(path, what="model.encoder_weights_path")
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelFileError(f"model.encoder_weights_path {path}: holds no state dict")
     state = {k.removeprefix("encoder."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier.", "head."))}
     own = model.encoder.state_dict()
@@ -122,14 +137,14 @@ def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
             if target.shape[1] == 1:
                 state[key] = value.sum(1, keepdim=True)
             else:
-                raise ValueError(
+                raise ModelFileError(
                     f"{path}: {key} has {value.shape[1]} input channels, model expects "
                     f"{target.shape[1]}"
                 )
     # smp encoders override load_state_dict without returning the key report: call the base.
     missing, unexpected = nn.Module.load_state_dict(model.encoder, state, strict=False)
     if missing:
-        raise ValueError(
+        raise ModelFileError(
             f"{path}: {len(missing)} encoder weights missing, e.g. {missing[:3]} "
             "(is this the right encoder?)"
         )

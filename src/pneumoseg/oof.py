@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pneumoseg.engine import predict_batch
-from pneumoseg.io import atomic_write
+from pneumoseg.errors import DataError, MissingFileError
+from pneumoseg.io import atomic_write, read_csv
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +115,25 @@ def has_oof(folder: str | Path) -> bool:
 
 
 def load_oof(folder: str | Path) -> Oof:
-    """Open a fold's OOF files (memory-mapped)."""
+    """Open a fold's OOF files (memory-mapped); damaged files are a :class:`DataError`."""
     folder = Path(folder)
     if not has_oof(folder):
-        raise FileNotFoundError(f"no complete OOF predictions in {folder} ({IDS} missing)")
-    ids = pd.read_csv(folder / IDS, dtype=str)["id"].tolist()
-    probs = np.load(folder / PROBS, mmap_mode="r")
-    truth = np.load(folder / TRUTH, mmap_mode="r")
-    cls = np.load(folder / CLS) if (folder / CLS).is_file() else None
-    if probs.shape[0] != len(ids) or truth.shape != probs.shape:
-        raise ValueError(
-            f"{folder}: OOF arrays {probs.shape}/{truth.shape} do not match {len(ids)} ids"
+        raise MissingFileError(f"no complete OOF predictions in {folder} ({IDS} missing)")
+    redo = (
+        "delete the fold's oof_* files and run src/train.py --resume for that fold to rewrite them"
+    )
+    try:
+        ids = read_csv(folder / IDS, "OOF id list", dtype=str)["id"].tolist()
+    except KeyError:
+        raise DataError(f"{folder / IDS}: no 'id' column; {redo}") from None
+    try:
+        probs = np.load(folder / PROBS, mmap_mode="r")
+        truth = np.load(folder / TRUTH, mmap_mode="r")
+        cls = np.load(folder / CLS) if (folder / CLS).is_file() else None
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{folder}: damaged OOF arrays ({type(e).__name__}); {redo}") from None
+    if probs.ndim != 3 or probs.shape[0] != len(ids) or truth.shape != probs.shape:
+        raise DataError(
+            f"{folder}: OOF arrays {probs.shape}/{truth.shape} do not match {len(ids)} ids; {redo}"
         )
     return Oof(ids, probs, truth, cls)

@@ -63,6 +63,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from pneumoseg.errors import ConfigError
 from pneumoseg.io import atomic_write
 from pneumoseg.metrics import SegConfusion, dice_from_areas
 
@@ -104,7 +105,7 @@ _REQUIRED = {
 }
 
 
-class ParamsError(ValueError):
+class ParamsError(ConfigError):
     """Malformed post-processing parameters."""
 
 

@@ -18,9 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumoseg.errors import MissingFileError, SubmissionError
 from pneumoseg.io import atomic_write
 from pneumoseg.metrics import dice_from_areas
-from pneumoseg.rle import EMPTY, is_empty_rle, read_rle_csv, rle_decode, union_mask
+from pneumoseg.rle import (
+    EMPTY,
+    is_empty_rle,
+    not_utf8_at,
+    raise_csv_field_limit,
+    read_rle_csv,
+    rle_decode,
+    union_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +66,40 @@ def write_submission(
 
 
 def read_sample_ids(path: str | Path) -> list[str]:
-    """ImageIds of a sample submission (or any ``ImageId,...`` CSV), in file order, unique."""
+    """ImageIds of a sample submission (or any ``ImageId,...`` CSV), in file order, unique.
+
+    Rows of any length are read (a valid 1024² RLE can pass csv's default field limit). A missing
+    file raises :class:`~pneumoseg.errors.MissingFileError`; one that is not UTF-8 CSV text a
+    :class:`~pneumoseg.errors.SubmissionError` naming the file and line.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"sample submission not found: {path}")
+        raise MissingFileError(f"sample submission not found: {path}")
+    raise_csv_field_limit()
     ids: list[str] = []
     seen: set[str] = set()
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        for k, row in enumerate(csv.reader(fh)):
-            if not row or not row[0].strip():
-                continue
-            image_id = row[0].strip()
-            if k == 0 and image_id.lower() in ("imageid", "image_id", "id"):
-                continue
-            if image_id not in seen:
-                seen.add(image_id)
-                ids.append(image_id)
+        reader = csv.reader(fh)
+        try:
+            for k, row in enumerate(reader):
+                if not row or not row[0].strip():
+                    continue
+                image_id = row[0].strip()
+                if k == 0 and image_id.lower() in ("imageid", "image_id", "id"):
+                    continue
+                if image_id not in seen:
+                    seen.add(image_id)
+                    ids.append(image_id)
+        except UnicodeDecodeError:
+            raise SubmissionError(
+                f"{not_utf8_at(path)}: not UTF-8 text: is it really a CSV of ImageIds "
+                "(ImageId,EncodedPixels)?"
+            ) from None
+        except csv.Error as e:
+            raise SubmissionError(
+                f"{path}:{reader.line_num}: not a readable CSV ({e}): is it really a CSV of "
+                "ImageIds (ImageId,EncodedPixels)?"
+            ) from None
     return ids
 
 
@@ -114,8 +141,15 @@ def validate_submission(
         return [f"{path}: file not found"]
     p = _Problems()
     seen: dict[str, int] = {}
-    with path.open(newline="", encoding="utf-8") as fh:
-        text = fh.read()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return [
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}): a submission is a "
+            f"UTF-8 CSV starting with {','.join(HEADER)}"
+        ]
     if text.startswith("\ufeff"):
         p.add("file(s) starting with a UTF-8 byte-order mark", path.name)
         text = text[1:]
@@ -124,7 +158,18 @@ def validate_submission(
         return [f"{path}: empty file (expected the header {','.join(HEADER)})"]
     if lines[0] != ",".join(HEADER):
         p.add(f"wrong header (expected exactly {','.join(HEADER)!r})", repr(lines[0][:60]))
-    for lineno, row in enumerate(csv.reader(lines[1:]), start=2):
+    raise_csv_field_limit()  # a valid 1024² RLE can pass csv's default 131,072 characters
+    rows = csv.reader(lines[1:])
+    lineno = 1
+    while True:
+        lineno += 1
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            p.add("unreadable CSV line(s)", f"line {lineno} ({e})")
+            continue
         if not row or all(not c.strip() for c in row):
             p.add("blank line(s)", f"line {lineno}")
             continue
@@ -181,8 +226,8 @@ def score_submission(
     "n_pos": positive images, "n_pred_pos": images predicted positive}``. Truth ids without a
     submission row are an error; submission ids without truth are ignored (logged).
     """
-    truth = read_rle_csv(truth_csv, shape=None, relative=relative)
-    sub = read_rle_csv(sub_path, shape=None, relative=relative)
+    truth = read_rle_csv(truth_csv, shape=None, relative=relative, format_option="predict.rle")
+    sub = read_rle_csv(sub_path, shape=None, relative=relative, format_option="predict.rle")
     missing = [i for i in truth if i not in sub]
     if missing:
         raise ValueError(
@@ -207,3 +252,39 @@ def score_submission(
         "n_pos": int(pos.sum()),
         "n_pred_pos": int((pa > 0).sum()),
     }
+
+
+def publish_submission(
+    rows: Iterable[tuple[str, str]],
+    path: str | Path,
+    expected_ids: Sequence[str] | None,
+    shape: Shape,
+    relative: bool = True,
+) -> Path:
+    """Write ``rows`` to a temporary file next to ``path``, validate it, and only then rename it
+    over ``path``: an existing (good) submission is never replaced by an invalid one.
+
+    Raises :class:`~pneumoseg.errors.SubmissionError` with the problems (and says the old file
+    was kept) when the new file does not validate against ``expected_ids`` and ``shape``.
+    """
+    import os
+
+    from pneumoseg.errors import SubmissionError
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.candidate")
+    try:
+        write_submission(rows, tmp, force=True)
+        problems = validate_submission(tmp, expected_ids, shape, relative)
+        if not problems and expected_ids is not None and not list(expected_ids):
+            problems = ["no rows: the sample submission lists no ImageId"]
+        if problems:
+            kept = f"; {path} was left as it was" if path.exists() else ""
+            raise SubmissionError(
+                f"the new submission for {path} is invalid{kept}:\n  " + "\n  ".join(problems)
+            )
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

@@ -35,6 +35,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pneumoseg.errors import ConfigError, OutputExistsError
 from pneumoseg.io import atomic_write
 from pneumoseg.rle import rle_encode
 
@@ -253,7 +254,7 @@ def generate_case(
     ``return_lungs`` a third item, the uint8 0/1 lung mask (for tests and plausibility checks).
     """
     if size < 32:
-        raise ValueError(f"size must be at least 32, got {size}")
+        raise ConfigError(f"size must be at least 32, got {size}")
     a = sample_anatomy(rng) if anatomy is None else dict(anatomy)
     ap = view.upper() == "AP"
     if ap:  # AP: magnified heart, higher diaphragm
@@ -507,9 +508,9 @@ def plan_dataset(
 ) -> list[dict[str, Any]]:
     """One record per image (train first, then test): ids, patient, tags, label, anatomy."""
     if n_train < 0 or n_test < 0:
-        raise ValueError("n_train and n_test must be >= 0")
+        raise ConfigError("n_train and n_test must be >= 0")
     if not 0.0 <= positive_rate <= 1.0:
-        raise ValueError(f"positive_rate must be in [0, 1], got {positive_rate}")
+        raise ConfigError(f"positive_rate must be in [0, 1], got {positive_rate}")
     rng = np.random.default_rng([seed, 7919])
     uids = _uid_triplets(rng, n_train + n_test)
     test_ids: list[str] = []  # ordered by draw: a set's order varies with PYTHONHASHSEED
@@ -697,10 +698,10 @@ def _write_csv(path: Path, header: str, lines: list[str]) -> None:
 
 def _prepare_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a directory")
+        raise OutputExistsError(f"{out} exists and is not a directory: choose another --out")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise FileExistsError(f"{out} is not empty; pass force=True (--force) to rebuild it")
+            raise OutputExistsError(f"{out} is not empty; pass force=True (--force) to rebuild it")
         for name in OUTPUTS:
             p = out / name
             if p.is_dir():
@@ -735,7 +736,7 @@ def write_dataset(
 
     out = Path(out)
     if size < 32:
-        raise ValueError(f"size must be at least 32, got {size}")
+        raise ConfigError(f"size must be at least 32, got {size}")
     _prepare_out(out, force)
     records = plan_dataset(n_train, n_test, seed, positive_rate)
     args = (out, size, seed, jpeg, png)

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import albumentations as A
 import cv2
 
+from pneumoseg.errors import UnknownNameError
+
 # Name -> builder(probability, limits). Geometric transforms first, photometric ones after: the
 # order the 1st-place pipeline used.
 TRANSFORMS = {
@@ -39,7 +41,7 @@ def build_transforms(augment: Mapping, train: bool = True) -> A.Compose:
     unknown = set(augment) - set(TRANSFORMS) - set(LIMITS)
     if unknown:
         valid = ", ".join([*TRANSFORMS, *LIMITS])
-        raise KeyError(f"unknown augment keys {sorted(unknown)}; valid: {valid}")
+        raise UnknownNameError(f"unknown augment keys {sorted(unknown)}; valid: {valid}")
     steps = []
     if train:
         for name, build in TRANSFORMS.items():
@@ -58,5 +60,7 @@ def build_train_transforms(augment: Mapping, augment_neg: Mapping | None):
         return pos, pos
     unknown = set(augment_neg) - set(augment)
     if unknown:
-        raise KeyError(f"unknown augment_neg keys {sorted(unknown)}; valid: {', '.join(augment)}")
+        raise UnknownNameError(
+            f"unknown augment_neg keys {sorted(unknown)}; valid: {', '.join(augment)}"
+        )
     return pos, build_transforms({**augment, **augment_neg})
