@@ -117,6 +117,24 @@ def main(argv=None) -> int:
     return 0
 
 
+def machine() -> str:
+    """What decides the float results on a CPU: its kernels' instruction set and the threads."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
+                 if ln.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    return (
+        f"{cpu}, torch {torch.__version__} "
+        f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)"
+    )
+
+
 def summary(cfg: dict, root: Path, runs: Path, sub: Path, timings: dict) -> None:
     import pandas as pd
     import yaml
@@ -152,6 +170,7 @@ def summary(cfg: dict, root: Path, runs: Path, sub: Path, timings: dict) -> None
         f"Dice on positives {scores['pos_dice']:.4f}"
     )
     lines.append("Wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    lines.append(f"Machine: {machine()} (numbers reproduce bit for bit on the same machine only)")
     print("\n".join(lines))
 
 

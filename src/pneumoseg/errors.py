@@ -28,6 +28,10 @@ class UnknownNameError(ConfigError, KeyError):
     __str__ = Exception.__str__  # KeyError would quote the whole message
 
 
+class DownloadError(UserError, RuntimeError):
+    """Pretrained weights that cannot be downloaded (offline machine): says what to fetch where."""
+
+
 class DataError(UserError, ValueError):
     """An input data file (image, CSV, RLE, manifest) that cannot be used as it is."""
 

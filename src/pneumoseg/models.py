@@ -20,7 +20,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from pneumoseg.errors import MissingFileError, ModelFileError, UnknownNameError, UserError
+from pneumoseg.errors import DownloadError, MissingFileError, ModelFileError, UnknownNameError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def build_model(cfg: dict) -> nn.Module:
         )
     except (OSError, ConnectionError, RuntimeError) as e:
         if weights and not weights_path and _looks_like_download_error(e):
-            raise UserError(
+            raise DownloadError(
                 f"could not download {weights!r} weights for encoder {encoder!r} "
                 f"({type(e).__name__}: {str(e)[:200]}). This machine looks offline. Download the "
                 f"weights where there is internet (smp-hub/{encoder}.{weights} on the Hugging Face "
