@@ -118,9 +118,8 @@ def test_real_dicom_cache_matches_direct_reading(real_dir, tmp_path):
     assert cache.masks[~pos].sum() == 0
 
 
-def test_interrupted_run_resumes_and_matches(png_root, tmp_path, monkeypatch):
-    ref = build_cache(make_cfg(tmp_path / "ref", png_cfg(png_root)), "train")
-    cfg = make_cfg(tmp_path, png_cfg(png_root))
+def _interrupt_after_six(cfg) -> Path:
+    """Build with chunks of 4 and a simulated crash after the 6th entry is written; the path."""
     written: list[int] = []
 
     def crash(i):
@@ -130,7 +129,13 @@ def test_interrupted_run_resumes_and_matches(png_root, tmp_path, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         build_cache(cfg, "train", chunk_size=4, on_written=crash)
-    path = cache_dir(cfg, "train")
+    return cache_dir(cfg, "train")
+
+
+def test_interrupted_run_resumes_and_matches(png_root, tmp_path, monkeypatch):
+    ref = build_cache(make_cfg(tmp_path / "ref", png_cfg(png_root)), "train")
+    cfg = make_cfg(tmp_path, png_cfg(png_root))
+    path = _interrupt_after_six(cfg)
     done = np.load(path / "done.npy")
     assert int((done == 1).sum()) == 4  # the first chunk; entries 5-6 written but not flagged
     with pytest.raises(CacheError, match="incomplete"):
@@ -378,16 +383,7 @@ def test_not_enough_space_for_a_new_cache(png_root, tmp_path, monkeypatch):
 def test_disk_full_on_resume_keeps_the_cache_resumable(png_root, tmp_path, monkeypatch):
     ref = build_cache(make_cfg(tmp_path / "ref", png_cfg(png_root)), "train")
     cfg = make_cfg(tmp_path, png_cfg(png_root))
-    written: list[int] = []
-
-    def crash(i):
-        written.append(i)
-        if len(written) == 6:
-            raise KeyboardInterrupt("simulated crash")
-
-    with pytest.raises(KeyboardInterrupt):
-        build_cache(cfg, "train", chunk_size=4, on_written=crash)
-    path = cache_dir(cfg, "train")
+    path = _interrupt_after_six(cfg)
     before = _snapshot(path)
     assert int((np.load(path / "done.npy") == 1).sum()) == 4
     calls = count_process(monkeypatch)

@@ -120,44 +120,21 @@ def _parse_tokens(buf, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _fill_runs(tokens, n_tokens, relative, height, width, out):  # pragma: no cover - compiled
-    """Paint the runs into the row-major ``out`` (H×W uint8). Returns ``(error_code, run_index)``.
-
-    Runs are column-major: flat index ``p`` is pixel ``(p % H, p // H)``. Writing straight into the
-    row-major array avoids a full-image transpose copy.
-    """
-    if n_tokens % 2 != 0:
-        return _ERR_ODD, n_tokens // 2
-    total = height * width
-    pos = 0
-    for k in range(n_tokens // 2):
-        s = tokens[2 * k]
-        length = tokens[2 * k + 1]
-        if s < 0 or length < 0:
-            return _ERR_NEG, k
-        if length == 0:
-            return _ERR_ZERO_LEN, k
-        if relative:
-            start = pos + s
-        else:
-            if s < 1:
-                return _ERR_NEG, k  # absolute starts are 1-indexed
-            start = s - 1
-            if start < pos:
-                return _ERR_ORDER, k  # unsorted or overlapping: not a valid absolute RLE
-        end = start + length
-        if end > total:
-            return _ERR_PAST_END, k
-        col = start // height
-        row = start - col * height
-        for _ in range(length):
-            out[row, col] = 1
-            row += 1
-            if row == height:
-                row = 0
-                col += 1
-        pos = end
-    return _OK, 0
+def _run_start(s, length, pos, relative):  # pragma: no cover - compiled
+    """``(error_code, 0-based start)`` of a run given as token ``s`` after the previous run ended
+    at ``pos``: relative offsets add to ``pos``; absolute starts are 1-indexed and must not go back
+    (unsorted or overlapping runs are no valid absolute RLE)."""
+    if s < 0 or length < 0:
+        return _ERR_NEG, 0
+    if length == 0:
+        return _ERR_ZERO_LEN, 0
+    if relative:
+        return _OK, pos + s
+    if s < 1:
+        return _ERR_NEG, 0
+    if s - 1 < pos:
+        return _ERR_ORDER, 0
+    return _OK, s - 1
 
 
 @numba.njit(cache=True, nogil=True)
@@ -168,23 +145,40 @@ def _check_runs(tokens, n_tokens, relative, total):  # pragma: no cover - compil
         return _ERR_ODD, n_tokens // 2
     pos = 0
     for k in range(n_tokens // 2):
-        s = tokens[2 * k]
         length = tokens[2 * k + 1]
-        if s < 0 or length < 0:
-            return _ERR_NEG, k
-        if length == 0:
-            return _ERR_ZERO_LEN, k
-        if relative:
-            start = pos + s
-        else:
-            if s < 1:
-                return _ERR_NEG, k
-            start = s - 1
-            if start < pos:
-                return _ERR_ORDER, k
+        err, start = _run_start(tokens[2 * k], length, pos, relative)
+        if err != _OK:
+            return err, k
         pos = start + length
         if total >= 0 and pos > total:
             return _ERR_PAST_END, k
+    return _OK, 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_runs(tokens, n_tokens, relative, height, width, out):  # pragma: no cover - compiled
+    """Paint the runs into the row-major ``out`` (H×W uint8). Returns ``(error_code, run_index)``.
+
+    Runs are column-major: flat index ``p`` is pixel ``(p % H, p // H)``. Writing straight into the
+    row-major array avoids a full-image transpose copy.
+    """
+    err, k = _check_runs(tokens, n_tokens, relative, height * width)
+    if err != _OK:
+        return err, k
+    pos = 0
+    for k in range(n_tokens // 2):
+        length = tokens[2 * k + 1]
+        start = pos + tokens[2 * k] if relative else tokens[2 * k] - 1
+        end = start + length
+        col = start // height
+        row = start - col * height
+        for _ in range(length):
+            out[row, col] = 1
+            row += 1
+            if row == height:
+                row = 0
+                col += 1
+        pos = end
     return _OK, 0
 
 
@@ -237,6 +231,21 @@ def _vertical_edges(mask, words, starts, ends):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
+def _scan_bytes(flat, lo_i, hi_i, starts, ends, n, inside):  # pragma: no cover - compiled
+    """Byte by byte over ``flat[lo_i:hi_i]``: record run starts/ends; returns ``(n, inside)``."""
+    for i in range(lo_i, hi_i):
+        if flat[i] != 0:
+            if not inside:
+                starts[n] = i
+                inside = True
+        elif inside:
+            ends[n] = i
+            n += 1
+            inside = False
+    return n, inside
+
+
+@numba.njit(cache=True, nogil=True)
 def _linear_edges(flat, words, starts, ends):  # pragma: no cover - compiled
     """Runs of the 1-D ``flat`` (uint8, already in column-major order: a Fortran-ordered mask's
     memory), in order. ``words`` is ``flat``'s first ``8 * len(words)`` bytes viewed as uint64.
@@ -274,25 +283,9 @@ def _linear_edges(flat, words, starts, ends):  # pragma: no cover - compiled
         elif v == zero:
             w += 1
             continue
-        for i in range(w * 8, w * 8 + 8):
-            if flat[i] != 0:
-                if not inside:
-                    starts[n] = i
-                    inside = True
-            elif inside:
-                ends[n] = i
-                n += 1
-                inside = False
+        n, inside = _scan_bytes(flat, w * 8, w * 8 + 8, starts, ends, n, inside)
         w += 1
-    for i in range(n_words * 8, flat.shape[0]):
-        if flat[i] != 0:
-            if not inside:
-                starts[n] = i
-                inside = True
-        elif inside:
-            ends[n] = i
-            n += 1
-            inside = False
+    n, inside = _scan_bytes(flat, n_words * 8, flat.shape[0], starts, ends, n, inside)
     if inside:
         ends[n] = flat.shape[0]
         n += 1
