@@ -46,6 +46,12 @@ def run_stage(stage: str, script: str, *args: str, timings: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--config",
+        default=CONFIG,
+        help=f"demo config (default {CONFIG}); a blend "
+        "config (predict.experiments) tunes and predicts its trained members",
+    )
     ap.add_argument("--fresh", action="store_true", help="remove the demo's outputs first")
     ap.add_argument("--n-train", type=int, default=300)
     ap.add_argument("--n-test", type=int, default=60)
@@ -54,8 +60,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from pneumoseg.config import load_config
+    from pneumoseg.inference import experiment_list
 
-    cfg = load_config(REPO / CONFIG)
+    config = args.config
+    cfg = load_config(REPO / config)
+    members = experiment_list(cfg)
+    blend = members != [(cfg["exp"], 1.0)]
     root = REPO / cfg["data"]["root"]
     runs = REPO / cfg["train"]["out_dir"] / cfg["exp"]
     sub = REPO / cfg["predict"]["out_dir"] / f"{cfg['exp']}.csv"
@@ -89,18 +99,20 @@ def main(argv=None) -> int:
             *(["--force"] if root.exists() else []),
             timings=timings,
         )
-    run_stage("preprocess", "preprocess", "--config", CONFIG, "--split", "all", timings=timings)
-    run_stage("folds", "make_folds", "--config", CONFIG, timings=timings)
-    for k in range(int(cfg["folds"]["n_folds"])):
+    run_stage("preprocess", "preprocess", "--config", config, "--split", "all", timings=timings)
+    run_stage("folds", "make_folds", "--config", config, timings=timings)
+    if blend:
+        check_members(cfg, members)
+    for k in range(0 if blend else int(cfg["folds"]["n_folds"])):
         fold = runs / f"fold{k}"
         if (fold / "model.pt").is_file() and (fold / "oof_ids.csv").is_file():
             log.info("fold %d already trained: %s", k, fold)
             continue
         resume = ["--resume"] if fold.exists() else []
-        run_stage("train", "train", "--config", CONFIG, "--fold", str(k), *resume, timings=timings)
+        run_stage("train", "train", "--config", config, "--fold", str(k), *resume, timings=timings)
     # The demo owns runs/demo and submissions/demo.csv: it may replace its own earlier results.
-    run_stage("tune", "oof_tune", "--config", CONFIG, "--force", timings=timings)
-    run_stage("predict", "predict", "--config", CONFIG, "--submission", "--force", timings=timings)
+    run_stage("tune", "oof_tune", "--config", config, "--force", timings=timings)
+    run_stage("predict", "predict", "--config", config, "--submission", "--force", timings=timings)
     sample = root / cfg["data"]["sample_submission"]
     run_stage(
         "validate",
@@ -115,6 +127,19 @@ def main(argv=None) -> int:
     timings["total"] = time.perf_counter() - t_all
     summary(cfg, root, runs, sub, timings)
     return 0
+
+
+def check_members(cfg: dict, members) -> None:
+    """A blend demo tunes and predicts experiments that their own demos trained."""
+    out = REPO / cfg["train"]["out_dir"]
+    for exp, _ in members:
+        missing = [k for k in range(int(cfg["folds"]["n_folds"]))
+                   if not (out / exp / f"fold{k}" / "model.pt").is_file()]  # fmt: skip
+        if missing:
+            raise UserError(
+                f"blend member {exp!r} has no model for fold(s) {missing}: run its demo first "
+                f"(python src/demo.py --config configs/{exp}.yaml)"
+            )
 
 
 def machine() -> str:

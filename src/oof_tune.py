@@ -41,21 +41,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def find_folds(exp_dir: Path, wanted, n_folds: int) -> list[int]:
-    """``wanted`` folds, or every fold ``0..n_folds-1``; each must have complete OOF files."""
+def find_folds(exp_dir: Path, wanted, n_folds: int, sub: str = "") -> list[int]:
+    """``wanted`` folds, or every fold ``0..n_folds-1``; each must have complete OOF files
+    (in the fold's ``sub`` folder: the maps of one setting of the model's inference options)."""
     from pneumoseg.errors import MissingFileError
     from pneumoseg.oof import has_oof
 
     folds = list(range(n_folds)) if wanted is None else [int(k) for k in wanted]
-    missing = [k for k in folds if not has_oof(exp_dir / f"fold{k}")]
+    missing = [k for k in folds if not has_oof(exp_dir / f"fold{k}" / sub)]
     if missing:
         how = f"tune.folds={folds}" if wanted is not None else f"folds.n_folds={n_folds} folds"
+        what = f" ({sub}: retrain with the same tune.options)" if sub else ""
         raise MissingFileError(
-            f"{exp_dir}: no complete OOF predictions for fold(s) {missing} of the {how}. "
+            f"{exp_dir}: no complete OOF predictions{what} for fold(s) {missing} of the {how}. "
             "Train them (src/train.py --fold k), or name the folds to tune on with "
             "tune.folds=[...]"
         )
     return folds
+
+
+def option_variants(cfg: dict) -> list[tuple[dict, str]]:
+    """(model options, OOF sub-folder) of every setting of ``tune.options`` to search; the first
+    is the maps as trained (no option changed). Blends search no options."""
+    import itertools
+
+    from pneumoseg.oof import option_folder
+
+    grid = cfg["tune"]["options"] or {}
+    out = [({}, "")]
+    names = sorted(grid)
+    for values in itertools.product(*(grid[n] for n in names)):
+        opts = dict(zip(names, values, strict=True))
+        out.append((opts, option_folder(opts)))
+    return out
+
+
+def fold_sources(out_root: Path, members, folds: list[int], sub: str):
+    """One OOF per fold: the blend (weighted mean) of the experiments' maps."""
+    from pneumoseg.oof import blend_oofs, load_oof
+
+    names = [exp for exp, _ in members]
+    weights = [w for _, w in members]
+    return [
+        blend_oofs([load_oof(out_root / exp / f"fold{k}" / sub) for exp in names], weights, names)
+        for k in folds
+    ]
 
 
 def describe(params: dict) -> str:
@@ -73,7 +103,7 @@ def report_table(oofs, names, settings: dict, scale: float):
     """Per-fold metrics of each named setting + mean/std over folds + pooled over all images."""
     import pandas as pd
 
-    from pneumoseg.postprocess import evaluate_params
+    from pneumoseg.postprocess import evaluate_params, pooled_miou
 
     metrics = ["dice", "pos_dice", "empty_acc", "mIoU", "mDice"]
     rows = []
@@ -87,21 +117,16 @@ def report_table(oofs, names, settings: dict, scale: float):
         rows.append(pd.DataFrame([{**summary, "fold": "mean", **ev[metrics].mean().to_dict()}]))
         rows.append(pd.DataFrame([{**summary, "fold": "std", **ev[metrics].std(ddof=0).to_dict()}]))
         n = int(ev["n_images"].sum())
-        rows.append(
-            pd.DataFrame(
-                [
-                    {
-                        **summary,
-                        "fold": "all",
-                        "n_images": n,
-                        "dice": float(ev["dice_sum"].sum()) / n,
-                        "dice_sum": float(ev["dice_sum"].sum()),
-                    }
-                ]
-            )
-        )
+        pooled = pooled_miou(ev)  # MMSeg: intersection and union summed over all pixels first
+        all_row = {**summary, "fold": "all", "n_images": n, "dice": float(ev["dice_sum"].sum()) / n,
+                   "dice_sum": float(ev["dice_sum"].sum()), "mIoU": pooled["mIoU"],
+                   "mDice": pooled["mDice"], "ptx_IoU": pooled["IoU"][1],
+                   "ptx_Dice": pooled["Dice"][1], "bg_IoU": pooled["IoU"][0],
+                   "bg_Dice": pooled["Dice"][0]}  # fmt: skip
+        rows.append(pd.DataFrame([all_row]))
     table = pd.concat(rows, ignore_index=True)
-    cols = ["setting", "params", "fold", "n_images", *metrics, "ptx_IoU", "ptx_Dice", "dice_sum"]
+    cols = ["setting", "params", "fold", "n_images", *metrics, "ptx_IoU", "ptx_Dice", "bg_IoU",
+            "bg_Dice", "dice_sum"]  # fmt: skip
     table = table[cols]
     table["n_images"] = table["n_images"].astype("Int64")
     return table
@@ -140,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     from pneumoseg.errors import DataError, OutputExistsError
+    from pneumoseg.inference import experiment_list
     from pneumoseg.io import atomic_write
-    from pneumoseg.oof import load_oof
     from pneumoseg.postprocess import (
         ParamsError,
         area_scale_for,
@@ -156,10 +181,22 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = config_from_args(args)
     tune = cfg["tune"]
-    exp_dir = Path(cfg["train"]["out_dir"]) / cfg["exp"]
-    folds = find_folds(exp_dir, tune["folds"], int(cfg["folds"]["n_folds"]))
-    oofs = [load_oof(exp_dir / f"fold{k}") for k in folds]
+    out_root = Path(cfg["train"]["out_dir"])
+    exp_dir = out_root / cfg["exp"]
+    members = experiment_list(cfg)
+    blend = [(e, w) for e, w in members] != [(cfg["exp"], 1.0)]
+    variants = option_variants(cfg) if not blend else [({}, "")]
+    if blend and tune["options"]:
+        log.warning(
+            "tune.options are not searched for a blend: its members' maps are used as trained"
+        )
+    for exp, _ in members:
+        for _, sub in variants:
+            folds = find_folds(out_root / exp, tune["folds"], int(cfg["folds"]["n_folds"]), sub)
     names = [f"fold{k}" for k in folds]
+    if blend:
+        log.info("tuning the blend %s", ", ".join(f"{e} × {w:g}" for e, w in members))
+    oofs = fold_sources(out_root, members, folds, "")
     sizes = {o.probs.shape[1:] for o in oofs}
     if len(sizes) != 1:
         raise DataError(
@@ -176,9 +213,17 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     results = search(oofs, tune, area_scale=scale, names=names, n_jobs=args.jobs)
-    log.info("searched %d settings in %.1f s", len(results), time.perf_counter() - t0)
+    choice, options = pick_best(results), {}
+    for opts, sub in variants[1:]:  # the model's inference options (e.g. a detector's min_score)
+        cand_oofs = fold_sources(out_root, members, folds, sub)
+        cand = search(cand_oofs, tune, area_scale=scale, names=names, n_jobs=args.jobs)
+        c = pick_best(cand)
+        log.info("model options %s: best OOF Dice %.4f", opts, float(c["dice"]))
+        if float(c["dice"]) > float(choice["dice"]):
+            oofs, results, choice, options = cand_oofs, cand, c, opts
+    log.info("searched %d settings in %.1f s", len(results) * len(variants),
+             time.perf_counter() - t0)  # fmt: skip
     best = best_rows(results)
-    choice = pick_best(results)
     chosen = row_params(choice.to_dict())
 
     settings = {
@@ -213,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             "folds": folds,
             "n_images": n_images,
             "exp": cfg["exp"],
+            **({"experiments": [[e, w] for e, w in members]} if blend else {}),
+            **({"model_options": options} if options else {}),
         }
     )
     out = exp_dir / "postprocess.yaml"
@@ -259,6 +306,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         lines.append(f"  {setting:20s} {desc:40s} {cells}")
     log.info("mean ± std over folds %s:\n%s", folds, "\n".join(lines))
+    pooled = table[table["fold"] == "all"]
+    log.info(
+        "MMSeg-style, intersection and union pooled over all %d OOF images' pixels "
+        "(IoU/Dice per class, then the mean over background and pneumothorax):\n%s",
+        n_images,
+        "\n".join(
+            f"  {r.setting:20s} competition Dice {r.dice:.4f}  mIoU {100 * r.mIoU:.2f} "
+            f"mDice {100 * r.mDice:.2f}  (background IoU {100 * r.bg_IoU:.2f} Dice "
+            f"{100 * r.bg_Dice:.2f}, pneumothorax IoU {100 * r.ptx_IoU:.2f} Dice "
+            f"{100 * r.ptx_Dice:.2f})"
+            for r in pooled.itertuples()
+        ),
+    )
     log.info(
         "chose %s (%s): CV Dice %.4f ± %.4f -> %s",
         choice["family"], describe(params), params["cv_dice"], params["cv_dice_std"], out,

@@ -7,8 +7,8 @@
 ``--submission``: builds (or reuses) the test cache, loads every model of ``predict.experiments`` ×
 ``predict.folds``, predicts in batches with the ``predict.tta`` views, resizes the probabilities to
 each image's original size, applies ``<train.out_dir>/<exp>/postprocess.yaml`` (written by
-``oof_tune.py``; for a blend, the first experiment's; if missing: plain threshold 0.5, with a
-warning), RLE-encodes, and writes ``<predict.out_dir>/<exp>.csv`` atomically. With a sample
+``oof_tune.py`` with the same config: for a blend, tuned on the blend's OOF maps; if missing: plain
+threshold 0.5, with a warning), RLE-encodes, and writes ``<predict.out_dir>/<exp>.csv`` atomically. With a sample
 submission (``--sample``, else ``data.root/data.sample_submission`` when it exists) the file has
 exactly the sample's ids in its order; sample ids without an image are an error (``--allow-missing``
 or ``predict.allow_missing``: written as -1 with a warning). The written file is then validated;
@@ -82,12 +82,11 @@ def get_args(argv=None):
 # shared pieces
 # ==================================================================================================
 def postprocess_params(cfg: dict) -> dict:
-    """The tuned post-processing of the (first) experiment, or threshold 0.5 with a warning."""
-    from pneumoseg.inference import experiment_list
+    """The post-processing ``oof_tune.py`` tuned for this config (for a blend: on the blend's OOF
+    maps, under the blend config's own ``exp``), or threshold 0.5 with a warning."""
     from pneumoseg.postprocess import load_params
 
-    exp = experiment_list(cfg)[0][0]
-    path = Path(str(cfg["train"]["out_dir"])) / exp / "postprocess.yaml"
+    path = Path(str(cfg["train"]["out_dir"])) / str(cfg["exp"]) / "postprocess.yaml"
     if path.is_file():
         params = load_params(path)
         log.info("post-processing from %s: %s", path, params)
@@ -114,6 +113,7 @@ class Predictor:
         parse_tta(self.tta)  # fail on a bad view before loading anything
         self.members = load_models(cfg, self.device)
         self.params = postprocess_params(cfg)
+        apply_model_options(self.members, self.params.get("model_options") or {})
         self.relative = relative
         self.batch_size = max(1, int(cfg["predict"]["batch_size"]))
         log.info(
@@ -140,6 +140,19 @@ class Predictor:
         h, w = prob.shape
         mask = apply_postprocess(prob, self.params, area_scale_for((h * w) ** 0.5), cls_prob)
         return mask, rle_encode(mask, relative=self.relative)
+
+
+def apply_model_options(members, options: dict) -> None:
+    """Set the tuned inference options (``model_options`` of postprocess.yaml) on the models whose
+    family has them (e.g. a detector's ``min_score``)."""
+    from pneumoseg.families import family_for
+
+    for m in members:
+        family = family_for(m.cfg)
+        for name, value in options.items():
+            if name in family.tunable:
+                family.set_option(m.model, name, value)
+                log.info("%s model: %s = %g (tuned)", family.name, name, value)
 
 
 def find_sample(cfg: dict, given: Path | None) -> Path | None:

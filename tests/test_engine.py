@@ -56,7 +56,7 @@ def test_unknown_optimizer_and_scheduler():
     params = [nn.Parameter(torch.zeros(1))]
     with pytest.raises(KeyError, match="valid: adam, adamw"):
         engine.build_optimizer(nn.Linear(1, 1), {**TRAIN, "optimizer": "sgdd"})
-    with pytest.raises(KeyError, match="cosine, plateau, none"):
+    with pytest.raises(KeyError, match="cosine, poly, plateau, none"):
         engine.build_scheduler(torch.optim.SGD(params, lr=1), {**TRAIN, "scheduler": "step"}, 1)
 
 

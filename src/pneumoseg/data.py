@@ -662,8 +662,9 @@ class SegDataset:
     ``(pos, neg)``, or one pipeline for both, or None).
     """
 
-    def __init__(self, cache, indices, in_channels: int = 3, transforms=None):
+    def __init__(self, cache, indices, in_channels: int = 3, transforms=None, instances=False):
         self.cache = cache
+        self.instances = bool(instances)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.in_channels = int(in_channels)
         if transforms is None or isinstance(transforms, tuple):
@@ -701,13 +702,52 @@ class SegDataset:
         k = int(self.indices[i])
         image = np.array(self.cache.images[k])  # copies out of the read-only memmap
         mask = np.array(self.cache.masks[k])
+        parts = instance_masks(self.cache, k, mask) if self.instances else None
         if self.transforms is not None:
             t = self.transforms[0] if self.has_mask[i] else self.transforms[1]
-            out = t(image=image, mask=mask)
+            # every instance mask goes through the same geometric transform as the image
+            out = t(image=image, mask=mask, masks=parts) if parts else t(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        return {
+            parts = out.get("masks", parts)
+        item = {
             "image": normalize(image, self.in_channels),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)).float().unsqueeze(0),
             "index": k,
             "has_mask": bool(self.has_mask[i]),
         }
+        if self.instances:
+            stack = np.stack(parts) if parts else np.zeros((0, *mask.shape), dtype=np.uint8)
+            item["instances"] = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.uint8))
+        return item
+
+
+def instance_masks(cache, k: int, union: np.ndarray) -> list[np.ndarray]:
+    """Cache entry ``k``'s instances at cache size: one uint8 0/1 mask per RLE row (rows that
+    overlap stay separate), resized like the union mask; for PNG masks (no rows), the union's
+    8-connected components. Empty image: ``[]``."""
+    row = cache.manifest.iloc[k]
+    if not union.any():
+        return []
+    size = union.shape[0]
+    csv_path = str(row.get("rle_csv", "") or "")
+    if row.get("source") != "png" and csv_path:
+        from pneumoseg.cache import resize_mask
+
+        relative = str(row.get("rle_format") or "relative") == "relative"
+        shape = (int(row["height"]), int(row["width"]))
+        rles = rle_table(csv_path, relative).get(str(row["id"]), [])
+        out = [resize_mask(rle_decode(r, shape, relative), size) for r in rles]
+        return [m for m in out if m.any()]
+    n, labels = cv2.connectedComponents(union.astype(np.uint8), connectivity=8)
+    return [(labels == j).astype(np.uint8) for j in range(1, n)]
+
+
+def collate(items: list[dict]) -> dict:
+    """``default_collate``, except ``instances`` (a different count per image) stays a list."""
+    from torch.utils.data import default_collate
+
+    rest = [{k: v for k, v in it.items() if k != "instances"} for it in items]
+    batch = default_collate(rest)
+    if "instances" in items[0]:
+        batch["instances"] = [it["instances"] for it in items]
+    return batch

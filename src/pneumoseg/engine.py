@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from pneumoseg.errors import ModelFileError, UnknownNameError
 from pneumoseg.io import atomic_save
 from pneumoseg.metrics import dice_from_areas
-from pneumoseg.models import split_output
 
 log = logging.getLogger(__name__)
 
@@ -172,14 +171,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------- optim
 def build_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
     name = cfg["optimizer"].lower()
-    opts = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    opts = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
     if name not in opts:
         raise UnknownNameError(f"unknown train.optimizer {name!r}; valid: {', '.join(opts)}")
-    return opts[name](model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    extra = {"momentum": float(cfg.get("momentum", 0.9))} if name == "sgd" else {}
+    return opts[name](model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], **extra)
 
 
 def build_scheduler(optimizer, cfg: Mapping, steps_per_epoch: int):
     """``cosine``: linear warm-up then cosine to ``min_lr``, stepped every optimiser step;
+    ``poly``: MMSeg's polynomial decay (power 0.9) to ``min_lr``, stepped every optimiser step;
     ``plateau``: ReduceLROnPlateau on validation Dice, stepped every epoch; ``none``."""
     name = cfg["scheduler"]
     if name == "none":
@@ -188,11 +189,22 @@ def build_scheduler(optimizer, cfg: Mapping, steps_per_epoch: int):
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=cfg["plateau_factor"], patience=cfg["plateau_patience"]
         )
-    if name != "cosine":
-        raise UnknownNameError(f"unknown train.scheduler {name!r}; valid: cosine, plateau, none")
+    if name not in ("cosine", "poly"):
+        raise UnknownNameError(
+            f"unknown train.scheduler {name!r}; valid: cosine, poly, plateau, none"
+        )
     total = max(1, cfg["epochs"] * steps_per_epoch)
     warmup = int(cfg["warmup_epochs"] * steps_per_epoch)
     floor = cfg["min_lr"] / cfg["lr"]
+    if name == "poly":
+
+        def poly(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            t = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * (1 - t) ** 0.9
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -204,11 +216,26 @@ def build_scheduler(optimizer, cfg: Mapping, steps_per_epoch: int):
 
 
 # ------------------------------------------------------------------------------------- loops
-def _to_device(batch: Mapping, device: torch.device, channels_last: bool):
-    x = batch["image"].to(device, non_blocking=True)
+def to_device(batch: Mapping, device: torch.device, channels_last: bool) -> dict:
+    """The batch on ``device``: tensors moved, lists of tensors (``instances``) moved item-wise."""
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+        elif isinstance(v, list) and v and torch.is_tensor(v[0]):
+            v = [t.to(device, non_blocking=True) for t in v]
+        out[k] = v
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, batch["mask"].to(device, non_blocking=True)
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _family(family):
+    if family is not None:
+        return family
+    from pneumoseg.families import family_for
+
+    return family_for("unet")  # plain logit-map models (the smp family's contract)
 
 
 def train_one_epoch(
@@ -223,8 +250,11 @@ def train_one_epoch(
     cfg: Mapping,
     dtype=None,
     show_progress: bool = True,
+    family=None,
 ) -> dict:
-    """One pass over ``loader`` with gradient accumulation and clipping; returns mean losses."""
+    """One pass over ``loader`` with gradient accumulation and clipping; returns mean losses.
+    ``family`` (:mod:`pneumoseg.families`) computes the loss from each batch."""
+    family = _family(family)
     model.train()
     accum = max(1, int(cfg["accum_steps"]))
     max_steps = int(cfg.get("max_steps_per_epoch") or 0)
@@ -238,10 +268,9 @@ def train_one_epoch(
     for i, batch in enumerate(bar):
         if i >= n_batches:
             break
-        x, y = _to_device(batch, device, cfg["channels_last"])
+        batch = to_device(batch, device, cfg["channels_last"])
         with autocast(device, dtype):
-            logits, cls = split_output(model(x))
-        loss, parts = loss_fn(logits.float(), y, None if cls is None else cls.float())
+            loss, parts = family.train_loss(model, batch, loss_fn)
         scaler.scale(loss / accum).backward()
         last_of_group = (i + 1) % accum == 0 or i + 1 == n_batches
         if last_of_group:
@@ -255,7 +284,7 @@ def train_one_epoch(
                 scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
             ):
                 scheduler.step()
-        n = x.shape[0]
+        n = batch["image"].shape[0]
         seen += n
         for k, v in {"loss": float(loss.detach()), **parts}.items():
             sums[k] = sums.get(k, 0.0) + v * n
@@ -264,15 +293,15 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict_batch(model, x: torch.Tensor, hflip: bool = False, dtype=None):
-    """Sigmoid probabilities (N, 1, H, W), and image-level probabilities (N, 1) or None, averaged
-    over the identity and (optionally) the horizontally flipped view in one forward pass."""
+def predict_batch(model, x: torch.Tensor, hflip: bool = False, dtype=None, family=None):
+    """Probabilities (N, 1, H, W), and image-level probabilities (N, 1) or None, averaged over
+    the identity and (optionally) the horizontally flipped view in one forward pass."""
     views = torch.cat([x, x.flip(-1)]) if hflip else x
     with autocast(x.device, dtype):
-        logits, cls = split_output(model(views))
+        out = _family(family).predict(model, views)
     n = x.shape[0]
-    probs = merge_hflip(torch.sigmoid(logits.float()), n, hflip)
-    cls_p = None if cls is None else merge_hflip(torch.sigmoid(cls.float()), n, hflip, flip=False)
+    probs = merge_hflip(out.probs.float(), n, hflip)
+    cls_p = None if out.cls is None else merge_hflip(out.cls.float(), n, hflip, flip=False)
     return probs, cls_p
 
 
@@ -294,22 +323,25 @@ def evaluate(
     channels_last: bool = False,
     hflip: bool = False,
     show_progress: bool = True,
+    family=None,
 ) -> dict:
     """Competition mean Dice at ``threshold``, positive-only Dice and (optionally) the loss, from
     per-image areas: memory does not grow with the validation set."""
+    family = _family(family)
     model.eval()
     inter, pa, ta, losses = [], [], [], []
     for batch in tqdm(loader, desc="valid", leave=False, disable=not show_progress):
-        x, y = _to_device(batch, device, channels_last)
+        batch = to_device(batch, device, channels_last)
+        x, y = batch["image"], batch["mask"]
         views = torch.cat([x, x.flip(-1)]) if hflip else x
         with autocast(device, dtype):
-            logits, cls = split_output(model(views))
-        logits = logits.float()
+            out = family.predict(model, views)
         n = x.shape[0]
         if loss_fn is not None:  # the loss of the plain view, from the same forward pass
-            loss, _ = loss_fn(logits[:n], y, None if cls is None else cls[:n].float())
-            losses.append(float(loss) * n)
-        probs = merge_hflip(torch.sigmoid(logits), n, hflip)
+            loss = family.eval_loss(out, batch, loss_fn, n)
+            if loss is not None:
+                losses.append(float(loss) * n)
+        probs = merge_hflip(out.probs.float(), n, hflip)
         pred = (probs > threshold).flatten(1)
         truth = (y > 0.5).flatten(1)
         inter.append((pred & truth).sum(1).cpu())

@@ -35,7 +35,8 @@ from torch import nn
 from pneumoseg.data import normalize  # the training normalisation, applied on the device
 from pneumoseg.engine import autocast, load_torch, load_weights
 from pneumoseg.errors import ConfigError, MissingFileError, ModelFileError
-from pneumoseg.models import build_model, split_output
+from pneumoseg.families import family_for
+from pneumoseg.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,9 @@ def load_member(
             "as src/train.py writes them)"
         )
     mcfg = dict(ckpt["config"]["model"])
+    cache_cfg = ckpt["config"].get("cache")
+    if isinstance(cache_cfg, Mapping) and cache_cfg.get("size"):
+        mcfg["input_size"] = int(cache_cfg["size"])  # what the model saw in training
     mcfg["encoder_weights"] = None  # the checkpoint holds every weight: nothing to download
     mcfg["encoder_weights_path"] = None
     try:
@@ -284,7 +288,7 @@ def predict_probs(
     weight_sum = cls_weight = 0.0
     normalized: dict[int, torch.Tensor] = {}
     for member in members:
-        model, weight = member[0], float(member[1])
+        _model, weight = member[0], float(member[1])
         in_ch = int(member[2].get("in_channels", 3))
         if in_ch not in normalized:
             normalized[in_ch] = normalize(x8, in_ch)
@@ -302,8 +306,7 @@ def predict_probs(
             inp = torch.cat(batch)
             if channels_last:
                 inp = inp.contiguous(memory_format=torch.channels_last)
-            logits, cls = _forward(model, inp, chunk, device, dtype)
-            probs = torch.sigmoid(logits.float())
+            probs, cls = _forward(member, inp, chunk, device, dtype)
             k = 0
             for _scale, sz in views:
                 for d in flips:
@@ -312,7 +315,7 @@ def predict_probs(
                     acc += _resize(p[..., : sz[0], : sz[1]], (h, w))
                     k += 1
             if cls is not None:
-                c = torch.sigmoid(cls.float()).view(-1, n, 1).sum(0)
+                c = cls.float().view(-1, n, 1).sum(0)
                 cls_acc = c if cls_acc is None else cls_acc + c
         total += acc * (weight / n_views)
         weight_sum += weight
@@ -324,18 +327,21 @@ def predict_probs(
     return probs, cls_p
 
 
-def _forward(model, inp: torch.Tensor, chunk: int, device, dtype):
-    """``split_output(model(inp))``, in pieces of at most ``chunk`` images (0 = one piece)."""
+def _forward(member, inp: torch.Tensor, chunk: int, device, dtype):
+    """(probabilities (N, 1, H, W), image probabilities (N, 1) or None) of one member, through
+    its family, in pieces of at most ``chunk`` images (0 = one piece)."""
+    family = family_for(member[2])
     pieces = [inp] if not chunk or inp.shape[0] <= chunk else inp.split(chunk)
     outs = []
     for piece in pieces:
         with autocast(device, dtype):
-            outs.append(split_output(model(piece)))
+            out = family.predict(member[0], piece)
+        outs.append((out.probs.float(), None if out.cls is None else out.cls.float()))
     if len(outs) == 1:
         return outs[0]
-    logits = torch.cat([o[0] for o in outs])
+    probs = torch.cat([o[0] for o in outs])
     cls = None if outs[0][1] is None else torch.cat([o[1] for o in outs])
-    return logits, cls
+    return probs, cls
 
 
 def resize_to_original(probs: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:

@@ -1,9 +1,9 @@
-"""Model registry over segmentation-models-pytorch.
+"""Model registry over segmentation-models-pytorch, and :func:`build_model` for every family.
 
-``build_model(cfg["model"])`` returns an ``nn.Module`` mapping images (N, C, H, W) float to
-``mask`` logits (N, 1, H, W) and, with ``aux_head: true``, image-level "is there a pneumothorax"
-logits (N, 1) from smp's classification head (used by the empty-image gate). Use
-:func:`split_output` to read either form.
+``build_model(cfg["model"])`` builds any family's model (:mod:`pneumoseg.families`). The smp
+family (:func:`build_smp`) maps images (N, C, H, W) float to ``mask`` logits (N, 1, H, W) and,
+with ``aux_head: true``, image-level "is there a pneumothorax" logits (N, 1) from smp's
+classification head (used by the empty-image gate); :func:`split_output` reads either form.
 
 Encoders: any smp encoder (``resnet34``, ``se_resnext50_32x4d``, ``efficientnet-b4``, ...) or any
 timm model as ``tu-<name>``. ``encoder_weights: imagenet`` downloads weights (Hugging Face hub);
@@ -17,10 +17,21 @@ import logging
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
-import torch
 from torch import nn
 
 from pneumoseg.errors import DownloadError, MissingFileError, ModelFileError, UnknownNameError
+from pneumoseg.families import split_output
+
+__all__ = [
+    "ARCHITECTURES",
+    "build_model",
+    "build_smp",
+    "check_encoder",
+    "count_parameters",
+    "load_encoder_weights",
+    "model_cfg",
+    "split_output",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +72,21 @@ def check_encoder(name: str) -> None:
 
 
 def build_model(cfg: dict) -> nn.Module:
-    """Build the segmentation model described by the ``model`` config section."""
+    """Build the model the ``model`` config section describes, through its family
+    (:mod:`pneumoseg.families`: smp, Mask R-CNN, Double U-Net, classic U-Net)."""
+    from pneumoseg.families import family_for
+
+    return family_for(cfg).build(cfg)
+
+
+def model_cfg(cfg: dict) -> dict:
+    """The ``model`` section of a resolved config plus ``input_size`` (= ``cache.size``, the side
+    of every image the model sees; detectors size their internal transform to it)."""
+    return {**cfg["model"], "input_size": int(cfg["cache"]["size"])}
+
+
+def build_smp(cfg: dict) -> nn.Module:
+    """An smp architecture (``ARCHITECTURES``) over an smp/timm encoder."""
     arch = _lookup(ARCHITECTURES, cfg["arch"], "architecture")
     encoder = cfg["encoder"]
     check_encoder(encoder)
@@ -153,13 +178,6 @@ def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
             "%s: ignored %d unexpected keys, e.g. %s", path, len(unexpected), unexpected[:3]
         )
     log.info("loaded encoder weights from %s", path)
-
-
-def split_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``model(x)`` -> (mask logits (N, 1, H, W), image logits (N, 1) or None)."""
-    if isinstance(out, (tuple, list)):
-        return out[0], out[1]
-    return out, None
 
 
 def count_parameters(model: nn.Module) -> int:

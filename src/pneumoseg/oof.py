@@ -63,9 +63,12 @@ def predict_oof(
     hflip: bool = True,
     dtype=None,
     show_progress: bool = True,
+    family=None,
 ) -> Path:
-    """Predict every batch of ``loader`` (in order, matching ``ids``) into ``folder``'s OOF files."""
+    """Predict every batch of ``loader`` (in order, matching ``ids``) into ``folder``'s OOF files
+    (``family``: the model's family, which turns its outputs into probabilities)."""
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     n = len(ids)
     tmp = {name: folder / f".{name}.tmp" for name in (PROBS, TRUTH, CLS)}
     probs_mm = np.lib.format.open_memmap(
@@ -79,7 +82,7 @@ def predict_oof(
     pos = 0
     for batch in tqdm(loader, desc="oof", leave=False, disable=not show_progress):
         x = batch["image"].to(device)
-        probs, cls = predict_batch(model, x, hflip=hflip, dtype=dtype)
+        probs, cls = predict_batch(model, x, hflip=hflip, dtype=dtype, family=family)
         b = x.shape[0]
         probs_mm[pos : pos + b] = to_uint8(resize_probs(probs, size))[:, 0]
         truth_mm[pos : pos + b] = resize_truth(batch["mask"], size)[:, 0].numpy()
@@ -110,6 +113,12 @@ class Oof:
     cls: np.ndarray | None  # float32 N
 
 
+def option_folder(options: dict) -> str:
+    """The sub-folder of a fold holding the OOF maps predicted with the model's inference
+    ``options`` changed (e.g. ``oof_min_score_0.3``); '' for the maps as trained."""
+    return "_".join(["oof", *(f"{k}_{v:g}" for k, v in sorted(options.items()))]) if options else ""
+
+
 def has_oof(folder: str | Path) -> bool:
     return (Path(folder) / IDS).is_file()
 
@@ -137,3 +146,28 @@ def load_oof(folder: str | Path) -> Oof:
             f"{folder}: OOF arrays {probs.shape}/{truth.shape} do not match {len(ids)} ids; {redo}"
         )
     return Oof(ids, probs, truth, cls)
+
+
+def blend_oofs(oofs: list[Oof], weights: list[float], names: list[str]) -> Oof:
+    """The weighted mean of several experiments' OOF maps of one fold (what ``predict.py`` does
+    with their models): same ids in the same order required; uint8 like the inputs."""
+    if len(oofs) == 1:
+        return oofs[0]
+    first = oofs[0]
+    for o, name in zip(oofs[1:], names[1:], strict=True):
+        if list(o.ids) != list(first.ids) or o.probs.shape != first.probs.shape:
+            raise DataError(
+                f"cannot blend {names[0]} and {name}: their OOF maps hold other images or sizes "
+                f"({len(first.ids)} vs {len(o.ids)} ids, {first.probs.shape[1:]} vs "
+                f"{o.probs.shape[1:]}); train both on the same folds file with the same oof.size"
+            )
+    total = float(sum(weights))
+    acc = np.zeros(first.probs.shape, dtype=np.float32)
+    for o, w in zip(oofs, weights, strict=True):
+        acc += np.asarray(o.probs, dtype=np.float32) * (w / total)
+    probs = np.clip(np.rint(acc), 0, 255).astype(np.uint8)
+    with_cls = [(o.cls, w) for o, w in zip(oofs, weights, strict=True) if o.cls is not None]
+    cls = None
+    if with_cls:
+        cls = sum(c * w for c, w in with_cls) / sum(w for _, w in with_cls)
+    return Oof(list(first.ids), probs, first.truth, cls)

@@ -92,6 +92,7 @@ PARAM_KEYS = (
 # Bookkeeping written by oof_tune.py next to the parameters; informative only.
 INFO_KEYS = (
     "oof_size",
+    "experiments",
     "cv_dice",
     "cv_dice_std",
     "cv_dice_folds",
@@ -201,7 +202,7 @@ def validate_params(params: Mapping[str, Any]) -> dict:
         raise ParamsError(
             f"post-processing parameters must be a mapping, got {type(params).__name__}"
         )
-    unknown = sorted(set(params) - set(PARAM_KEYS) - set(INFO_KEYS))
+    unknown = sorted(set(params) - set(PARAM_KEYS) - set(INFO_KEYS) - {"model_options"})
     if unknown:
         raise ParamsError(
             f"unknown post-processing key(s) {unknown}; valid: {', '.join(PARAM_KEYS + INFO_KEYS)}"
@@ -224,6 +225,13 @@ def validate_params(params: Mapping[str, Any]) -> dict:
     for key in INFO_KEYS:
         if key in params:
             out[key] = _plain(params[key])
+    if params.get("model_options"):
+        opts = params["model_options"]
+        if not isinstance(opts, Mapping) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in opts.values()
+        ):
+            raise ParamsError(f"'model_options' must map option names to numbers, got {opts!r}")
+        out["model_options"] = {str(k): float(v) for k, v in opts.items()}
     return out
 
 
@@ -707,6 +715,23 @@ def row_params(row: Mapping[str, Any]) -> dict:
     return validate_params(out)
 
 
+_CONF_SUMS = (
+    ("inter", "intersect"),
+    ("union", "union"),
+    ("pred", "pred_area"),
+    ("truth", "truth_area"),
+)
+
+
+def pooled_miou(rows: pd.DataFrame) -> dict:
+    """MMSeg-style IoU/Dice per class and their means, from the confusion sums of several rows of
+    :func:`evaluate_params` pooled (all validation pixels of all folds, as MMSeg computes them)."""
+    conf = SegConfusion()
+    for k, a in _CONF_SUMS:
+        setattr(conf, a, np.array([rows[f"{k}_bg"].sum(), rows[f"{k}_ptx"].sum()], dtype=float))
+    return conf.compute()
+
+
 def evaluate_params(
     sources: Iterable[Any],
     params: Mapping[str, Any],
@@ -753,6 +778,14 @@ def evaluate_params(
                 "mDice": c["mDice"],
                 "ptx_IoU": c["IoU"][1],
                 "ptx_Dice": c["Dice"][1],
+                "bg_IoU": c["IoU"][0],
+                "bg_Dice": c["Dice"][0],
+                # the per-class sums behind mIoU/mDice, so that folds can be pooled exactly
+                **{
+                    f"{k}_{c_}": float(getattr(conf, a)[j])
+                    for k, a in _CONF_SUMS
+                    for j, c_ in enumerate(("bg", "ptx"))
+                },
             }
         )
     return pd.DataFrame(rows)

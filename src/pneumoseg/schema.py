@@ -18,8 +18,8 @@ from pneumoseg.errors import ConfigError
 
 # Registries whose names are plain strings here so that checking a config imports no torch.
 SAMPLERS = ("positive_share", "weighted", "random")
-OPTIMIZERS = ("adam", "adamw")
-SCHEDULERS = ("cosine", "plateau", "none")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("cosine", "poly", "plateau", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 LAYOUTS = ("siim", "png")
 RLE_FORMATS = ("relative", "absolute")
@@ -113,13 +113,11 @@ def _folds(f: Mapping, cfg: Mapping) -> Iterator[str]:
 
 
 def _model(m: Mapping, cfg: Mapping) -> Iterator[str]:
-    from pneumoseg.models import ARCHITECTURES, check_encoder
+    from pneumoseg.families import archs, family_for
 
-    yield from _choice("model.arch", m["arch"], sorted(ARCHITECTURES))
-    try:
-        check_encoder(str(m["encoder"]))
-    except KeyError as e:
-        yield f"model.encoder: {e.args[0]}"
+    yield from _choice("model.arch", m["arch"], archs())
+    if m["arch"] in archs():
+        yield from family_for(m).check({**m, "input_size": cfg["cache"]["size"]})
     if m["in_channels"] not in (1, 3):
         yield f"model.in_channels: must be 1 (grey) or 3 (grey replicated), got {m['in_channels']}"
     dec = m["decoder_channels"]
@@ -176,7 +174,7 @@ def _train(t: Mapping, cfg: Mapping) -> Iterator[str]:
         yield from _num(f"train.{key}", t[key], lo=1)
     for key in ("early_stop", "num_workers", "max_steps_per_epoch", "plateau_patience"):
         yield from _num(f"train.{key}", t[key], lo=0)
-    for key in ("weight_decay", "warmup_epochs", "min_lr", "clip_grad"):
+    for key in ("weight_decay", "warmup_epochs", "min_lr", "clip_grad", "momentum"):
         yield from _num(f"train.{key}", t[key], lo=0)
     yield from _num("train.lr", t["lr"], lo=0, lo_open=True)
     yield from _num("train.plateau_factor", t["plateau_factor"], lo=0, hi=1, lo_open=True,
@@ -230,6 +228,27 @@ def _tune(t: Mapping, cfg: Mapping) -> Iterator[str]:
     if t["cls_thresholds"] and not cfg["model"]["aux_head"]:
         yield "tune.cls_thresholds: needs model.aux_head=true (no image-level probability)"
     yield from _fold_list("tune.folds", t["folds"], cfg)
+    yield from _options(t["options"], cfg)
+
+
+def _options(options: Any, cfg: Mapping) -> Iterator[str]:
+    if options is None:
+        return
+    from pneumoseg.families import archs, family_for
+
+    if not isinstance(options, Mapping):
+        yield f"tune.options: must be a mapping {{option: [values]}}, got {options!r}"
+        return
+    arch = cfg["model"]["arch"]
+    tunable = family_for(arch).tunable if arch in archs() else ()
+    for name, values in options.items():
+        if name not in tunable:
+            yield (f"tune.options.{name}: model.arch={arch} has no such inference option "
+                   f"(tunable: {', '.join(tunable) or 'none'})")  # fmt: skip
+        elif not isinstance(values, list) or not values:
+            yield f"tune.options.{name}: must be a non-empty list of values, got {values!r}"
+        else:
+            yield from _nums(f"tune.options.{name}", values, lo=0, hi=1)
 
 
 def _fold_list(key: str, folds: Any, cfg: Mapping, allow_full: bool = False) -> Iterator[str]:

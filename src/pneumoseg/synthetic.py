@@ -589,9 +589,16 @@ def dicom_bytes(image: np.ndarray, rec: dict[str, Any], jpeg: bool = True) -> by
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     ds = pydicom.Dataset()
     ds.file_meta = meta
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PatientAge '38': the SIIM files' (non-standard) form
-        ds.PatientAge = rec["age"]
+    # PatientAge '38': the SIIM files' (non-standard) form; pydicom both warns and logs about it.
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.PatientAge = rec["age"]
+    finally:
+        pydicom_log.setLevel(level)
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = UID(SECONDARY_CAPTURE)
     ds.SOPInstanceUID = UID(rec["sop_uid"])

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from pneumoseg import engine
 from pneumoseg.config import log_config, save_config
 from pneumoseg.errors import FoldsError, MissingFileError, OutputExistsError, ResumeError
+from pneumoseg.families import family_for
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +204,10 @@ def load_fold_data(cfg: Mapping, fold: int) -> FoldData:
             n_bad_train, n_bad_val, cache.failed_ids[:3],
         )  # fmt: skip
     in_ch = int(cfg["model"]["in_channels"])
+    instances = family_for(cfg["model"]).needs_instances
     transforms = build_train_transforms(cfg["augment"], cfg["augment_neg"])
-    train_ds = SegDataset(cache, train_idx, in_ch, transforms)
-    val_ds = SegDataset(cache, val_idx, in_ch, None)
+    train_ds = SegDataset(cache, train_idx, in_ch, transforms, instances=instances)
+    val_ds = SegDataset(cache, val_idx, in_ch, None, instances=instances)
     if len(train_ds) == 0:
         raise FoldsError(f"fold {fold}: no training image left (every image is in this fold?)")
     if cfg["sampler"]["kind"] == "positive_share" and not train_ds.has_mask.any():
@@ -230,6 +232,8 @@ def init_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset, sampler, tc: Mapping, shuffle: bool, seed: int, train: bool):
+    from pneumoseg.data import collate
+
     workers = int(tc["num_workers"])
     return DataLoader(
         dataset,
@@ -242,6 +246,7 @@ def make_loader(dataset, sampler, tc: Mapping, shuffle: bool, seed: int, train: 
         persistent_workers=False,
         worker_init_fn=init_worker if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate,
     )
 
 
@@ -265,6 +270,7 @@ class Job:
 
     model: torch.nn.Module
     ddp_model: torch.nn.Module
+    family: Any
     loss_fn: Any
     optimizer: Any
     scheduler: Any
@@ -281,11 +287,12 @@ class Job:
 
 def build_job(cfg: Mapping, data: FoldData, d, device, dtype, init: Path | None, ckpt_dir: Path):
     from pneumoseg.losses import ComboLoss
-    from pneumoseg.models import build_model, count_parameters
+    from pneumoseg.models import build_model, count_parameters, model_cfg
     from pneumoseg.samplers import ShardedSampler
 
     tc = cfg["train"]
-    model = build_model(cfg["model"]).to(device)
+    family = family_for(cfg["model"])
+    model = build_model(model_cfg(cfg)).to(device)
     if init is not None:
         state = engine.load_torch(init, what="train.init_from")
         inner = state.get("state_dict", state) if isinstance(state, Mapping) else state
@@ -323,7 +330,7 @@ def build_job(cfg: Mapping, data: FoldData, d, device, dtype, init: Path | None,
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    return Job(model, ddp_model, loss_fn, optimizer, scheduler, scaler, sampler, ckpts,
+    return Job(model, ddp_model, family, loss_fn, optimizer, scheduler, scaler, sampler, ckpts,
                train_loader, val_loader)  # fmt: skip
 
 
@@ -404,7 +411,7 @@ def train_epochs(cfg, job: Job, data: FoldData, d, device, dtype, out: Path, fol
             data.train_ds.reseed(cfg["seed"] * 1000 + epoch)
             stats = engine.train_one_epoch(
                 job.ddp_model, train_loader, job.loss_fn, job.optimizer, job.scheduler,
-                job.scaler, device, epoch, tc, dtype, show,
+                job.scaler, device, epoch, tc, dtype, show, family=job.family,
             )  # fmt: skip
             row = {"epoch": epoch, **stats, "lr": job.optimizer.param_groups[0]["lr"]}
             if d.is_main and len(data.val_ds):
@@ -419,6 +426,7 @@ def train_epochs(cfg, job: Job, data: FoldData, d, device, dtype, out: Path, fol
                         tc["channels_last"],
                         hflip=False,
                         show_progress=show,
+                        family=job.family,
                     )
                 )
                 row["baseline_dice"] = data.baseline
@@ -491,7 +499,8 @@ def write_oof(cfg, job: Job, data: FoldData, out: Path, device, dtype, fold: int
     ids = data.cache.manifest["id"].astype(str).to_numpy()[data.val_idx].tolist()
     oof_size = int(cfg["oof"]["size"])
     predict_oof(job.model, job.val_loader, out, ids, oof_size, device, hflip=bool(cfg["oof"]["hflip"]),
-                dtype=dtype, show_progress=show)  # fmt: skip
+                dtype=dtype, show_progress=show, family=job.family)  # fmt: skip
+    write_option_oofs(cfg, job, out, ids, device, dtype, show)
     raw = {"method": "threshold", "threshold": tc["threshold"], "min_area": 0}
     score = evaluate_params([load_oof(out)], raw).iloc[0]
     log.info(
@@ -499,6 +508,26 @@ def write_oof(cfg, job: Job, data: FoldData, out: Path, device, dtype, fold: int
         "(all-empty baseline %.4f)",
         fold, oof_size, tc["threshold"], score["dice"], score["pos_dice"], data.baseline,
     )  # fmt: skip
+
+
+def write_option_oofs(cfg, job: Job, out: Path, ids, device, dtype, show: bool) -> None:
+    """OOF maps for every setting of ``tune.options`` (the family's inference options, e.g. a
+    detector's ``min_score``), each in its own sub-folder, for ``oof_tune.py`` to search."""
+    import itertools
+
+    from pneumoseg.oof import option_folder, predict_oof
+
+    grid = cfg["tune"]["options"] or {}
+    names = sorted(grid)
+    for values in itertools.product(*(grid[n] for n in names)):
+        opts = dict(zip(names, values, strict=True))
+        for name, value in opts.items():
+            job.family.set_option(job.model, name, value)
+        predict_oof(job.model, job.val_loader, out / option_folder(opts), ids,
+                    int(cfg["oof"]["size"]), device, hflip=bool(cfg["oof"]["hflip"]),
+                    dtype=dtype, show_progress=show, family=job.family)  # fmt: skip
+    for name in names:  # back to the configured value
+        job.family.set_option(job.model, name, cfg["model"][name])
 
 
 def prepare_folder(out: Path, cfg: Mapping, force: bool, changes: list[str]) -> None:
