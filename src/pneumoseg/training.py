@@ -300,7 +300,7 @@ def build_job(cfg: Mapping, data: FoldData, d, device, dtype, init: Path | None,
         log.info("initialised weights from %s", init)
     if tc["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    log.info("model %s/%s: %.1fM parameters", cfg["model"]["arch"], cfg["model"]["encoder"],
+    log.info("model %s (%s family): %.1fM parameters", family.describe(cfg["model"]), family.name,
              count_parameters(model) / 1e6)  # fmt: skip
     loss_fn = ComboLoss(
         {k: cfg["loss"][k] for k in ("bce", "dice", "focal", "lovasz")}, cfg["loss"]["aux"]

@@ -44,6 +44,13 @@ class Family:
     def build(self, mcfg: Mapping[str, Any]) -> nn.Module:
         raise NotImplementedError
 
+    uses_encoder = True  # model.encoder names part of the model (logged, validated)
+
+    def describe(self, mcfg: Mapping[str, Any]) -> str:
+        """A short name of the configured model for logs."""
+        arch = mcfg["arch"]
+        return f"{arch}/{mcfg['encoder']}" if self.uses_encoder else str(arch)
+
     def check(self, mcfg: Mapping[str, Any]) -> list[str]:
         """Problems of the ``model`` section for this family (checked when the config loads)."""
         return []

@@ -293,6 +293,7 @@ def _two_losses(out1, out2, mask, loss_fn) -> tuple[torch.Tensor, dict]:
 
 class DoubleUNetFamily(Family):
     name = "doubleunet"
+    uses_encoder = False  # VGG19 / its own encoder: model.encoder is ignored
 
     def check(self, mcfg: Mapping[str, Any]) -> list[str]:
         problems = []
