@@ -47,7 +47,10 @@ def test_aux_head_outputs_image_logits():
 
 
 def test_unknown_names_list_valid_ones():
-    with pytest.raises(KeyError, match="valid: deeplabv3plus, doubleunet, fpn, maskrcnn, unet, unet_classic, unetplusplus"):
+    with pytest.raises(
+        KeyError,
+        match="valid: deeplabv3plus, doubleunet, fpn, maskrcnn, unet, unet_classic, unetplusplus",
+    ):
         build_model({**BASE, "arch": "unett", "encoder": "resnet34"})
     with pytest.raises(KeyError, match="resnet34"):
         build_model({**BASE, "arch": "unet", "encoder": "resnet35"})

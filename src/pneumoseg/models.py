@@ -30,6 +30,7 @@ __all__ = [
     "count_parameters",
     "load_encoder_weights",
     "model_cfg",
+    "read_weights_file",
     "split_output",
 ]
 
@@ -127,6 +128,26 @@ def _looks_like_download_error(e: BaseException) -> bool:
     return isinstance(e, (OSError, ConnectionError)) or any(k in text for k in keys)
 
 
+def read_weights_file(path: str | Path, what: str = "model.encoder_weights_path"):
+    """What a ``.safetensors`` or ``torch.save`` file holds (``weights_only=True``); typed errors
+    name the file when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what}: no such file {path}")
+    if path.suffix != ".safetensors":
+        from pneumoseg.engine import load_torch  # engine imports this module
+
+        return load_torch(path, what=what)
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise ModelFileError(
+            f"{what} {path}: not a readable safetensors file ({type(e).__name__})"
+        ) from None
+
+
 def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
     """Load an encoder state dict from ``path`` into ``model.encoder``.
 
@@ -135,22 +156,9 @@ def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
     summed to 1 channel when the model takes grey images (what smp does for ImageNet weights).
     """
     path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"model.encoder_weights_path: no such file {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except Exception as e:  # safetensors raises its own SafetensorError
-            raise ModelFileError(f"model.encoder_weights_path {path}: not a readable "
-                                 f"safetensors file ({type(e).__name__})") from None  # fmt: skip
-    else:
-        from pneumoseg.engine import load_torch  # engine imports this module
-
-        state = load_torch(path, what="model.encoder_weights_path")
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+    state = read_weights_file(path)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
     if not isinstance(state, dict):
         raise ModelFileError(f"model.encoder_weights_path {path}: holds no state dict")
     state = {k.removeprefix("encoder."): v for k, v in state.items()}

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from pneumoseg.errors import UnknownNameError
+from pneumoseg.errors import ConfigError, UnknownNameError
 
 
 class Output(NamedTuple):
@@ -54,6 +54,12 @@ class Family:
     def check(self, mcfg: Mapping[str, Any]) -> list[str]:
         """Problems of the ``model`` section for this family (checked when the config loads)."""
         return []
+
+    def require_valid(self, mcfg: Mapping[str, Any]) -> None:
+        """Raise one :class:`ConfigError` with every :meth:`check` problem (builds call it)."""
+        problems = self.check(mcfg)
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     def set_option(self, model: nn.Module, name: str, value: Any) -> None:
         """Set a :attr:`tunable` inference option (e.g. a detector's ``min_score``)."""

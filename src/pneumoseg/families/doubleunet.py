@@ -324,9 +324,7 @@ class DoubleUNetFamily(Family):
         return problems
 
     def build(self, mcfg: Mapping[str, Any]) -> nn.Module:
-        problems = self.check(mcfg)
-        if problems:
-            raise ConfigError("; ".join(problems))
+        self.require_valid(mcfg)
         depth = mcfg.get("depth")
         model = DoubleUNet(
             in_channels=int(mcfg.get("in_channels", 3)),

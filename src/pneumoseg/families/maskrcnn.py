@@ -64,7 +64,6 @@ from torchvision.models.detection.backbone_utils import (
 from pneumoseg.errors import (
     ConfigError,
     DownloadError,
-    MissingFileError,
     ModelFileError,
     UnknownNameError,
 )
@@ -199,21 +198,9 @@ def _download(weights, encoder: str, what: str) -> dict:
 def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a ``torch.save`` / ``.safetensors`` file (unwrapping ``state_dict`` /
     ``model`` entries and DataParallel's ``module.`` prefix)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"model.encoder_weights_path: no such file {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from pneumoseg.models import read_weights_file
 
-        try:
-            state = load_file(str(path))
-        except Exception as e:  # safetensors raises its own SafetensorError
-            raise ModelFileError(f"model.encoder_weights_path {path}: not a readable "
-                                 f"safetensors file ({type(e).__name__})") from None  # fmt: skip
-    else:
-        from pneumoseg.engine import load_torch
-
-        state = load_torch(path, what="model.encoder_weights_path")
+    state = read_weights_file(path)
     for _ in range(3):
         if not isinstance(state, Mapping):
             break

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pneumoseg.errors import ConfigError
 from pneumoseg.families import Family, register
 
 DEFAULT_WIDTH = 64
@@ -123,9 +122,7 @@ class UNetClassicFamily(Family):
         return problems
 
     def build(self, mcfg: Mapping[str, Any]) -> nn.Module:
-        problems = self.check(mcfg)
-        if problems:
-            raise ConfigError("; ".join(problems))
+        self.require_valid(mcfg)
         width, depth = mcfg.get("width"), mcfg.get("depth")
         return UNetClassic(
             in_channels=int(mcfg.get("in_channels", 3)),
