@@ -102,13 +102,11 @@ def check_resume(saved: Mapping, cfg: Mapping, source: Path) -> list[str]:
     return [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs]
 
 
-def saved_config(out: Path) -> tuple[dict | None, Path]:
-    """The config the run was started with: last.pt's (what ran), else config.yaml."""
-    last = out / "last.pt"
-    if last.is_file():
-        state = engine.load_torch(last, what="resume checkpoint")
-        if isinstance(state, Mapping) and isinstance(state.get("config"), Mapping):
-            return dict(state["config"]), last
+def saved_config(out: Path, last_state: Mapping | None) -> tuple[dict | None, Path]:
+    """The config the run was started with: that of ``last_state`` (the loaded last.pt: what
+    ran), else config.yaml."""
+    if isinstance(last_state, Mapping) and isinstance(last_state.get("config"), Mapping):
+        return dict(last_state["config"]), out / "last.pt"
     path = out / "config.yaml"
     if path.is_file():
         import yaml
@@ -118,8 +116,11 @@ def saved_config(out: Path) -> tuple[dict | None, Path]:
     return None, path
 
 
-def check_run_folder(cfg: Mapping, out: Path, resume: bool, force: bool) -> list[str]:
-    """Whether this start may use ``out``; returns the (safe) config changes of a resume."""
+def check_run_folder(
+    cfg: Mapping, out: Path, resume: bool, force: bool, last_state: Mapping | None = None
+) -> list[str]:
+    """Whether this start may use ``out``; returns the (safe) config changes of a resume
+    (``last_state``: the run's loaded last.pt, if any)."""
     if resume and force:
         raise ResumeError("--resume continues a run and --force starts it over: pick one")
     if not holds_run(out):
@@ -131,7 +132,7 @@ def check_run_folder(cfg: Mapping, out: Path, resume: bool, force: bool) -> list
             f"{out} already holds a run; pass --resume to continue it or --force to start over "
             "(its checkpoints are moved to a backup folder, not deleted)"
         )
-    saved, source = saved_config(out)
+    saved, source = saved_config(out, last_state)
     return check_resume(saved, cfg, source) if saved is not None else []
 
 
@@ -334,9 +335,9 @@ def build_job(cfg: Mapping, data: FoldData, d, device, dtype, init: Path | None,
                train_loader, val_loader)  # fmt: skip
 
 
-def restore(job: Job, last_path: Path) -> None:
-    """Continue from ``last.pt``: weights, optimiser, scheduler, scaler, sampler, RNG, history."""
-    state = engine.load_torch(last_path, what="resume checkpoint")
+def restore(job: Job, state: Mapping) -> None:
+    """Continue from the loaded ``last.pt``: weights, optimiser, scheduler, scaler, sampler, RNG,
+    history."""
     job.model.load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])
     if job.scheduler is not None and state.get("scheduler"):
@@ -513,20 +514,15 @@ def write_oof(cfg, job: Job, data: FoldData, out: Path, device, dtype, fold: int
 def write_option_oofs(cfg, job: Job, out: Path, ids, device, dtype, show: bool) -> None:
     """OOF maps for every setting of ``tune.options`` (the family's inference options, e.g. a
     detector's ``min_score``), each in its own sub-folder, for ``oof_tune.py`` to search."""
-    import itertools
+    from pneumoseg.oof import option_folder, option_settings, predict_oof
 
-    from pneumoseg.oof import option_folder, predict_oof
-
-    grid = cfg["tune"]["options"] or {}
-    names = sorted(grid)
-    for values in itertools.product(*(grid[n] for n in names)):
-        opts = dict(zip(names, values, strict=True))
+    for opts in option_settings(cfg["tune"]["options"]):
         for name, value in opts.items():
             job.family.set_option(job.model, name, value)
         predict_oof(job.model, job.val_loader, out / option_folder(opts), ids,
                     int(cfg["oof"]["size"]), device, hflip=bool(cfg["oof"]["hflip"]),
                     dtype=dtype, show_progress=show, family=job.family)  # fmt: skip
-    for name in names:  # back to the configured value
+    for name in cfg["tune"]["options"] or {}:  # back to the configured value
         job.family.set_option(job.model, name, cfg["model"][name])
 
 
@@ -557,7 +553,11 @@ def fit(cfg: dict, fold: int, resume: bool = False, force: bool = False, quiet: 
     last_path, model_path = out / "last.pt", out / "model.pt"
 
     # 1. every check that can fail, before anything is written
-    changes = check_run_folder(cfg, out, resume, force) if d.is_main else []
+    # last.pt is read once: its config for the resume check, its state for restoring.
+    last_state = None
+    if resume and not force and last_path.is_file():
+        last_state = engine.load_torch(last_path, what="resume checkpoint")
+    changes = check_run_folder(cfg, out, resume, force, last_state) if d.is_main else []
     init = resolve_init(cfg, out)
     data = load_fold_data(cfg, fold)
     device = engine.get_device(tc["device"])
@@ -565,8 +565,8 @@ def fit(cfg: dict, fold: int, resume: bool = False, force: bool = False, quiet: 
     engine.seed_everything(cfg["seed"] + d.rank, tc["deterministic"])
     job = build_job(cfg, data, d, device, dtype, init, out / "checkpoints")
     finished = resume and model_path.is_file()
-    if resume and last_path.is_file() and not finished:
-        restore(job, last_path)
+    if last_state is not None and not finished:
+        restore(job, last_state)
 
     # 2. the run folder
     if d.is_main:
