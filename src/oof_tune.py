@@ -63,17 +63,10 @@ def find_folds(exp_dir: Path, wanted, n_folds: int, sub: str = "") -> list[int]:
 def option_variants(cfg: dict) -> list[tuple[dict, str]]:
     """(model options, OOF sub-folder) of every setting of ``tune.options`` to search; the first
     is the maps as trained (no option changed). Blends search no options."""
-    import itertools
+    from pneumoseg.oof import option_folder, option_settings
 
-    from pneumoseg.oof import option_folder
-
-    grid = cfg["tune"]["options"] or {}
-    out = [({}, "")]
-    names = sorted(grid)
-    for values in itertools.product(*(grid[n] for n in names)):
-        opts = dict(zip(names, values, strict=True))
-        out.append((opts, option_folder(opts)))
-    return out
+    settings = option_settings(cfg["tune"]["options"])
+    return [({}, ""), *((opts, option_folder(opts)) for opts in settings)]
 
 
 def fold_sources(out_root: Path, members, folds: list[int], sub: str):

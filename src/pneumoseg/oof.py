@@ -113,6 +113,15 @@ class Oof:
     cls: np.ndarray | None  # float32 N
 
 
+def option_settings(grid: dict | None) -> list[dict]:
+    """Every combination of ``tune.options`` (``{option: [values]}``) as ``{option: value}``."""
+    import itertools
+
+    names = sorted(grid or {})
+    return [dict(zip(names, values, strict=True))
+            for values in itertools.product(*(grid[n] for n in names))] if names else []  # fmt: skip
+
+
 def option_folder(options: dict) -> str:
     """The sub-folder of a fold holding the OOF maps predicted with the model's inference
     ``options`` changed (e.g. ``oof_min_score_0.3``); '' for the maps as trained."""
