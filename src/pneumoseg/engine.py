@@ -178,6 +178,13 @@ def build_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
     return opts[name](model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], **extra)
 
 
+# Learning-rate shape after warm-up, from 1 at t = 0 to 0 at t = 1 (then scaled to min_lr).
+_DECAYS = {
+    "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)),
+    "poly": lambda t: (1 - t) ** 0.9,  # MMSeg's PolyLR, power 0.9
+}
+
+
 def build_scheduler(optimizer, cfg: Mapping, steps_per_epoch: int):
     """``cosine``: linear warm-up then cosine to ``min_lr``, stepped every optimiser step;
     ``poly``: MMSeg's polynomial decay (power 0.9) to ``min_lr``, stepped every optimiser step;
@@ -189,28 +196,20 @@ def build_scheduler(optimizer, cfg: Mapping, steps_per_epoch: int):
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=cfg["plateau_factor"], patience=cfg["plateau_patience"]
         )
-    if name not in ("cosine", "poly"):
+    if name not in _DECAYS:
         raise UnknownNameError(
             f"unknown train.scheduler {name!r}; valid: cosine, poly, plateau, none"
         )
+    decay = _DECAYS[name]
     total = max(1, cfg["epochs"] * steps_per_epoch)
     warmup = int(cfg["warmup_epochs"] * steps_per_epoch)
     floor = cfg["min_lr"] / cfg["lr"]
-    if name == "poly":
-
-        def poly(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            t = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * (1 - t) ** 0.9
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         t = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        return floor + (1 - floor) * decay(t)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
