@@ -55,6 +55,17 @@ class Family:
         """Problems of the ``model`` section for this family (checked when the config loads)."""
         return []
 
+    def unused(self, mcfg: Mapping[str, Any], **why: str) -> list[str]:
+        """Problems for keys set in ``mcfg`` that this family does not use: ``key="reason"``
+        (may be empty); the advice is to set them back to their off value."""
+        off = {"aux_head": "false"}
+        return [
+            f"model.{key} is not used by {self.name}{f' ({reason})' if reason else ''}; "
+            f"set it to {off.get(key, 'null')}"
+            for key, reason in why.items()
+            if not (mcfg.get(key) is None or mcfg.get(key) is False or mcfg.get(key) == [])
+        ]
+
     def require_valid(self, mcfg: Mapping[str, Any]) -> None:
         """Raise one :class:`ConfigError` with every :meth:`check` problem (builds call it)."""
         problems = self.check(mcfg)

@@ -307,21 +307,14 @@ class DoubleUNetFamily(Family):
             )
         if mcfg.get("in_channels", 3) not in (1, 3):
             problems.append(f"model.in_channels must be 1 or 3, got {mcfg.get('in_channels')!r}")
-        if mcfg.get("aux_head"):
-            problems.append("model.aux_head is not supported by doubleunet; set it to false")
         weights = mcfg.get("encoder_weights")
         if weights not in (None, "imagenet"):
             problems.append(
                 f"model.encoder_weights must be imagenet or null for doubleunet, got {weights!r}"
             )
-        if mcfg.get("width") is not None:
-            problems.append("model.width is not used by doubleunet; set it to null")
-        if mcfg.get("decoder_channels"):
-            problems.append(
-                "model.decoder_channels is not used by doubleunet (its decoders follow the "
-                "paper); set it to null"
-            )
-        return problems
+        return problems + self.unused(
+            mcfg, aux_head="", width="", decoder_channels="its decoders follow the paper"
+        )
 
     def build(self, mcfg: Mapping[str, Any]) -> nn.Module:
         self.require_valid(mcfg)

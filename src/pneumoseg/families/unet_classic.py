@@ -112,14 +112,7 @@ class UNetClassicFamily(Family):
                 "unet_classic has no pretrained encoder: set model.encoder_weights=null "
                 "(and model.encoder_weights_path=null)"
             )
-        if mcfg.get("aux_head"):
-            problems.append("model.aux_head is not supported by unet_classic; set it to false")
-        if mcfg.get("decoder_channels"):
-            problems.append(
-                "model.decoder_channels is not used by unet_classic (use model.width); "
-                "set it to null"
-            )
-        return problems
+        return problems + self.unused(mcfg, aux_head="", decoder_channels="use model.width")
 
     def build(self, mcfg: Mapping[str, Any]) -> nn.Module:
         self.require_valid(mcfg)
