@@ -181,8 +181,10 @@ def test_doubleunet_local_vgg19_weights(tmp_path, monkeypatch, vgg19_file, in_ch
 def test_doubleunet_check():
     assert DOUBLEUNET.check(_cfg(arch="doubleunet")) == []
     assert DOUBLEUNET.check(_cfg(arch="doubleunet", depth=2, encoder_weights="imagenet")) == []
-    problems = DOUBLEUNET.check(_cfg(arch="doubleunet", depth=7, aux_head=True, width=16))
+    mcfg = _cfg(arch="doubleunet", depth=7, aux_head=True, width=16)
+    problems = DOUBLEUNET.check(mcfg) + DOUBLEUNET.foreign(mcfg)
     assert len(problems) == 3
+    assert any("model.width is not used by doubleunet (unet_classic only)" in p for p in problems)
     assert any("model.depth" in p for p in problems)
     assert any("aux_head" in p for p in problems)
     with pytest.raises(ConfigError, match=r"model\.depth"):
@@ -222,3 +224,21 @@ def test_unet_classic_check():
     assert any("encoder_weights=null" in p for p in problems)
     with pytest.raises(ConfigError, match="encoder_weights"):
         UNET_CLASSIC.build(_cfg(arch="unet_classic", encoder_weights="imagenet"))
+
+
+# (arch, keys set, keys reported as another family's): what schema._model adds to check()
+FOREIGN_CASES = [
+    ("unet", {"depth": 2, "width": 16, "fpn_channels": 64}, ["depth", "width", "fpn_channels"]),
+    ("unet_classic", {"depth": 3, "width": 16, "roi_samples": 64}, ["roi_samples"]),
+    ("doubleunet", {"depth": 2, "freeze_bn": True, "detections_per_img": None}, ["freeze_bn"]),
+    ("maskrcnn", {"fpn_channels": 64, "rpn_proposals": 300, "trainable_layers": 5}, []),
+    ("maskrcnn", {"width": 16}, ["width"]),
+]
+
+
+@pytest.mark.parametrize("arch,keys,expected", FOREIGN_CASES)
+def test_foreign_family_keys(arch, keys, expected):
+    from pneumoseg.families import family_for
+
+    problems = family_for(arch).foreign({"arch": arch, **keys})
+    assert sorted(p.split()[0] for p in problems) == sorted(f"model.{k}" for k in expected)

@@ -305,3 +305,40 @@ def test_weights_path_kinds_and_frozen_bn(tmp_path, r18):
         FAM.build(mcfg(encoder_weights_path=str(tmp_path / "r34.pth")))  # keys: a superset
     with pytest.raises(ModelFileError, match="another shape"):
         FAM.build(mcfg(encoder="resnet50", encoder_weights_path=str(tmp_path / "r18.pth")))
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "mobilenet_v3_large"])
+def test_light_settings_build_and_train(encoder):
+    """model.fpn_channels / roi_samples / rpn_proposals: a narrower FPN and mask head, fewer
+    sampled RoIs and proposals, and the model still trains and predicts."""
+    torch.manual_seed(0)
+    model = FAM.build(
+        mcfg(encoder=encoder, fpn_channels=32, roi_samples=24, rpn_proposals=200)
+    )
+    assert model.backbone.out_channels == 32
+    assert model.backbone.fpn.layer_blocks[0][0].out_channels == 32
+    assert [m.out_channels for m in model.roi_heads.mask_head.modules()
+            if isinstance(m, nn.Conv2d)] == [32] * 4  # fmt: skip
+    assert model.roi_heads.box_predictor.cls_score.out_features == mr.NUM_CLASSES
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == mr.NUM_CLASSES
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 24
+    assert model.rpn._pre_nms_top_n == {"training": 200, "testing": 100}
+    assert model.rpn._post_nms_top_n == {"training": 200, "testing": 100}
+    full = sum(p.numel() for p in FAM.build(mcfg(encoder=encoder)).parameters())
+    assert sum(p.numel() for p in model.parameters()) < full
+    loss, _ = FAM.train_loss(model, _batch(), loss_fn=None)
+    loss.backward()
+    assert model.roi_heads.mask_head[0][0].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        out = FAM.predict(model, torch.randn(2, 3, S, S))
+    assert out.probs.shape == (2, 1, S, S)
+
+
+def test_light_settings_checked():
+    problems = FAM.check(mcfg(encoder="resnet50", encoder_weights="coco", fpn_channels=64,
+                              roi_samples=0, rpn_proposals="many"))  # fmt: skip
+    assert any("model.roi_samples must be null or a positive integer, got 0" in p for p in problems)
+    assert any("model.rpn_proposals" in p and "'many'" in p for p in problems)
+    assert any("fpn_channels 64 does not fit the COCO weights" in p for p in problems)
+    assert FAM.check(mcfg(encoder="resnet50", encoder_weights="coco", fpn_channels=256)) == []

@@ -97,3 +97,72 @@ def test_seg_confusion_accumulates_at_dataset_level():
     fg_i, fg_u = (p & t).sum(), (p | t).sum()
     bg_i, bg_u = ((1 - p) & (1 - t)).sum(), ((1 - p) | (1 - t)).sum()
     assert whole["IoU"] == pytest.approx([bg_i / bg_u, fg_i / fg_u])
+
+
+# ---------------------------------------------------------------- gated Dice (checkpoint selection)
+# (inter (N, 5), pred area (N, 5), truth area (N,), pixels per image, expected (dice, thr, gate))
+GATED_CASES = [
+    # a perfect positive and a 3-pixel false positive on an empty image: gates below 3 px keep
+    # the false positive (mean 0.5); the 0.005 gate (5 px) drops it and keeps the 10 px mask
+    ([[10] * 5, [0] * 5], [[10] * 5, [3] * 5], [10, 0], 1000, (1.0, 0.3, 0.005)),
+    # one positive whose Dice depends on the threshold: 20/30, 20/24, 16/18, 12/16, 8/14
+    ([[10, 10, 8, 6, 4]], [[20, 14, 8, 6, 4]], [10], 100, (16 / 18, 0.5, 0.0)),
+    # all empty and predicted empty: every cell scores 1, ties go to the first
+    ([[0] * 5, [0] * 5], [[0] * 5, [0] * 5], [0, 0], 64, (1.0, 0.3, 0.0)),
+    # a gate can also hurt: the 4 px true positive is dropped from 0.005 of 1000 px on
+    ([[4] * 5], [[4] * 5], [4], 1000, (1.0, 0.3, 0.0)),
+]
+
+
+@pytest.mark.parametrize("inter,pa,ta,n_pixels,expected", GATED_CASES)
+def test_gated_dice_hand_cases(inter, pa, ta, n_pixels, expected):
+    from pneumoseg.metrics import gated_dice
+
+    dice, thr, gate = gated_dice(inter, pa, ta, n_pixels)
+    assert dice == pytest.approx(expected[0])
+    assert (thr, gate) == expected[1:]
+
+
+def test_gated_dice_prefers_a_useful_model_over_all_empty():
+    """The case that made it: at 0.5 the model's false positives put it below the all-empty
+    baseline (the fixed-threshold Dice prefers an all-empty epoch); gated, it is above."""
+    from pneumoseg.metrics import dice_from_areas, gated_dice
+
+    ta = np.array([50, 0, 0, 0])  # 1 positive, 3 empty images of 1000 px
+    inter = np.tile([[40], [0], [0], [0]], (1, 5))
+    pa = np.tile([[50], [4], [2], [0]], (1, 5))
+    fixed = dice_from_areas(inter[:, 2], pa[:, 2], ta).mean()
+    assert fixed == pytest.approx((0.8 + 0 + 0 + 1) / 4) and fixed < 0.75  # all-empty: 0.75
+    dice, _, gate = gated_dice(inter, pa, ta, 1000)
+    assert dice == pytest.approx((0.8 + 3) / 4) and gate == 0.005
+
+
+def test_gated_dice_shape_error():
+    from pneumoseg.metrics import gated_dice
+
+    with pytest.raises(ValueError, match="expected"):
+        gated_dice([[1, 2]], [[1, 2]], [1], 10)
+
+
+def test_evaluate_reports_gated_dice():
+    """engine.evaluate on a model whose probability is its input: the gated Dice and its
+    parameters come from the same areas as the hand cases."""
+    from torch import nn
+
+    from pneumoseg import engine
+
+    class Probe(nn.Module):  # logit such that sigmoid(logit) == image channel 0
+        def forward(self, x):
+            p = x[:, :1].clamp(1e-6, 1 - 1e-6)
+            return torch.log(p / (1 - p))
+
+    img = torch.zeros(2, 1, 1, 20, 50)  # 2 batches of 1 image, 1000 px each
+    mask = torch.zeros_like(img)
+    img[0, 0, 0, :5, :10] = 0.9  # batch 0: 50 px predicted, 50 px true
+    mask[0, 0, 0, :5, :10] = 1
+    img[1, 0, 0, 0, :3] = 0.55  # batch 1: empty truth, 3 px above 0.5 but below 0.6
+    batches = [{"image": img[i], "mask": mask[i]} for i in range(2)]
+    out = engine.evaluate(Probe(), batches, torch.device("cpu"), threshold=0.5)
+    assert out["dice"] == pytest.approx(0.5)
+    assert out["dice_gated"] == pytest.approx(1.0)
+    assert (out["gate_threshold"], out["gate_area"]) == (0.6, 0.0)  # threshold first, then gate

@@ -266,3 +266,30 @@ def test_resume_refuses_changed_settings_and_keeps_the_run(tiny_data):
     assert code == 0 and "resuming with changed settings: train.num_workers" in out, out
     saved = yaml.safe_load((out_dir / "config.yaml").read_text())
     assert saved["train"]["num_workers"] == 1 and saved["train"]["lr"] == 0.003
+
+
+@pytest.mark.parametrize(
+    "row,select,expected",
+    [
+        ({"dice": 0.78, "dice_gated": 0.81, "val_loss": 1.5}, "dice", 0.78),
+        ({"dice": 0.78, "dice_gated": 0.81, "val_loss": 1.5}, "dice_gated", 0.81),
+        ({"dice": 0.78, "dice_gated": 0.81, "val_loss": 1.5}, "val_loss", -1.5),  # lower is better
+        ({"loss": 0.3}, "dice_gated", 7.0),  # no validation: the epoch, latest kept
+    ],
+)
+def test_selection_score(row, select, expected):
+    from pneumoseg.training import selection_score
+
+    assert selection_score(row, select, 7) == expected
+
+
+def test_select_dice_gated_ranks_the_checkpoints(tiny_data):
+    """train.select=dice_gated: the kept checkpoints are the epochs with the best gated Dice."""
+    _train(tiny_data, "gated", "train.select=dice_gated", "train.epochs=3", "train.top_k=1")
+    out = tiny_data / "runs" / "gated" / "fold0"
+    log = pd.read_csv(out / "log.csv")
+    assert {"dice_gated", "gate_threshold", "gate_area"} <= set(log)
+    assert (log["dice_gated"] >= log["dice"] - 1e-9).all()  # 0.5 without a gate is in the grid
+    best = int(log["dice_gated"].idxmax())  # first maximum: later ties do not replace it
+    kept = sorted(p.name for p in (out / "checkpoints").glob("epoch*.pt"))
+    assert kept == [f"epoch{best:03d}.pt"]

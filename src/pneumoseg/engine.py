@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from pneumoseg.errors import ModelFileError, UnknownNameError
 from pneumoseg.io import atomic_save
-from pneumoseg.metrics import dice_from_areas
+from pneumoseg.metrics import GATE_THRESHOLDS, dice_from_areas, gated_dice
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +329,9 @@ def evaluate(
     family = _family(family)
     model.eval()
     inter, pa, ta, losses = [], [], [], []
+    g_inter, g_pa = [], []  # (N, T) areas at the gated-Dice thresholds
+    gate_t = torch.tensor(GATE_THRESHOLDS, device=device)
+    n_pixels = 0
     for batch in tqdm(loader, desc="valid", leave=False, disable=not show_progress):
         batch = to_device(batch, device, channels_last)
         x, y = batch["image"], batch["mask"]
@@ -341,22 +344,40 @@ def evaluate(
             if loss is not None:
                 losses.append(float(loss) * n)
         probs = merge_hflip(out.probs.float(), n, hflip)
-        pred = (probs > threshold).flatten(1)
+        flat = probs.flatten(1)
+        pred = flat > threshold
         truth = (y > 0.5).flatten(1)
         inter.append((pred & truth).sum(1).cpu())
         pa.append(pred.sum(1).cpu())
         ta.append(truth.sum(1).cpu())
+        for t in gate_t:  # one threshold at a time: no (N, T, H*W) tensor at 1024 px
+            p_t = flat > t
+            g_inter.append((p_t & truth).sum(1).cpu())
+            g_pa.append(p_t.sum(1).cpu())
+        n_pixels = flat.shape[1]
     inter_t, pa_t, ta_t = (torch.cat(v).double() for v in (inter, pa, ta))
     dice = dice_from_areas(inter_t, pa_t, ta_t)
     pos = ta_t > 0
+    gated, g_thr, g_area = gated_dice(
+        *(_by_threshold(v, len(GATE_THRESHOLDS)) for v in (g_inter, g_pa)), ta_t.numpy(), n_pixels
+    )
     out = {
         "dice": float(dice.mean()),
         "pos_dice": float(dice[pos].mean()) if pos.any() else float("nan"),
         "empty_acc": float(((pa_t > 0) == pos).double().mean()),
+        "dice_gated": gated,
+        "gate_threshold": g_thr,
+        "gate_area": g_area,
     }
     if losses:
         out["val_loss"] = sum(losses) / len(dice)
     return out
+
+
+def _by_threshold(chunks: list[torch.Tensor], n_thresholds: int) -> np.ndarray:
+    """Per-batch, per-threshold area vectors (batch-major) -> one (N, T) array."""
+    batches = [torch.stack(chunks[i : i + n_thresholds], 1) for i in range(0, len(chunks), n_thresholds)]
+    return torch.cat(batches).double().numpy()
 
 
 # ------------------------------------------------------------------------------------- checkpoints

@@ -19,6 +19,7 @@ from pneumoseg.errors import ConfigError
 # Registries whose names are plain strings here so that checking a config imports no torch.
 SAMPLERS = ("positive_share", "weighted", "random")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+SELECT_METRICS = ("dice", "dice_gated", "val_loss")
 SCHEDULERS = ("cosine", "poly", "plateau", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 LAYOUTS = ("siim", "png")
@@ -118,6 +119,7 @@ def _model(m: Mapping, cfg: Mapping) -> Iterator[str]:
     yield from _choice("model.arch", m["arch"], archs())
     if m["arch"] in archs():
         yield from family_for(m).check({**m, "input_size": cfg["cache"]["size"]})
+        yield from family_for(m).foreign(m)
     if m["in_channels"] not in (1, 3):
         yield f"model.in_channels: must be 1 (grey) or 3 (grey replicated), got {m['in_channels']}"
     dec = m["decoder_channels"]
@@ -182,6 +184,13 @@ def _train(t: Mapping, cfg: Mapping) -> Iterator[str]:
     yield from _num("train.threshold", t["threshold"], lo=0, hi=1, lo_open=True, hi_open=True)
     yield from _choice("train.optimizer", t["optimizer"], OPTIMIZERS)
     yield from _choice("train.scheduler", t["scheduler"], SCHEDULERS)
+    yield from _choice("train.select", t["select"], SELECT_METRICS)
+    if t["select"] == "val_loss":
+        from pneumoseg.families import archs, family_for
+
+        arch = cfg["model"]["arch"]
+        if arch in archs() and not family_for(arch).has_eval_loss:
+            yield f"train.select: {arch} models give no validation loss; use dice or dice_gated"
     yield from _choice("train.amp", t["amp"], AMP_MODES)
     if t["stop_after_epoch"] is not None:
         if not isinstance(t["stop_after_epoch"], int) or isinstance(t["stop_after_epoch"], bool):

@@ -432,7 +432,7 @@ def train_epochs(cfg, job: Job, data: FoldData, d, device, dtype, out: Path, fol
                 )
                 row["baseline_dice"] = data.baseline
             row["time_s"] = round(time.perf_counter() - t0, 2)
-            score = row.get("dice", float(epoch))  # no validation: keep the latest epochs
+            score = selection_score(row, tc["select"], epoch)
             if isinstance(job.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 job.scheduler.step(score)
             stop = False
@@ -447,6 +447,15 @@ def train_epochs(cfg, job: Job, data: FoldData, d, device, dtype, out: Path, fol
         if writer is not None:
             writer.close()
     return True
+
+
+def selection_score(row: Mapping, select: str, epoch: int) -> float:
+    """The number checkpoints are ranked by (higher is better): ``train.select`` of the epoch's
+    validation row; without validation the epoch itself, so the latest epochs are kept."""
+    if select not in row:
+        return float(epoch)
+    value = float(row[select])
+    return -value if select == "val_loss" else value
 
 
 def end_epoch(cfg, job: Job, row: dict, score: float, epoch: int, out: Path, fold: int,

@@ -51,7 +51,7 @@ def plot_heatmaps(panels, path: str | Path, title: str, value_label: str) -> Pat
 
 
 def plot_curves(log: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """Loss (train/val), validation Dice (all / positive-only) and learning rate per epoch."""
+    """Loss (train/val), validation Dice (all, gated, positive-only) and learning rate per epoch."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     ep = log["epoch"]
     ax = axes[0]
@@ -63,7 +63,11 @@ def plot_curves(log: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     ax.set_title("loss")
     ax.legend()
     ax = axes[1]
-    for col, label in (("dice", "mean Dice (competition)"), ("pos_dice", "Dice on positives")):
+    for col, label in (
+        ("dice", "mean Dice (competition)"),
+        ("dice_gated", "mean Dice, best threshold + area gate"),
+        ("pos_dice", "Dice on positives"),
+    ):
         if col in log and log[col].notna().any():
             ax.plot(ep, log[col], "o-", label=label)
     if "baseline_dice" in log:

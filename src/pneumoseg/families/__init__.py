@@ -40,6 +40,8 @@ class Family:
     name = "base"
     needs_instances = False  # batches must carry per-instance masks
     tunable: tuple[str, ...] = ()  # inference-time model options that oof_tune.py may search
+    has_eval_loss = True  # eval_loss gives a validation loss (train.select: val_loss needs one)
+    own_keys: tuple[str, ...] = ()  # model keys only this family reads (others flag them)
 
     def build(self, mcfg: Mapping[str, Any]) -> nn.Module:
         raise NotImplementedError
@@ -65,6 +67,16 @@ class Family:
             for key, reason in why.items()
             if not (mcfg.get(key) is None or mcfg.get(key) is False or mcfg.get(key) == [])
         ]
+
+    def foreign(self, mcfg: Mapping[str, Any]) -> list[str]:
+        """Problems for keys of other families (their :attr:`own_keys`) set in ``mcfg``."""
+        _load()
+        owners: dict[str, list[str]] = {}
+        for fam in {id(f): f for f in ARCH_FAMILIES.values()}.values():
+            for key in fam.own_keys:
+                if key not in self.own_keys:
+                    owners.setdefault(key, []).append(fam.name)
+        return self.unused(mcfg, **{k: f"{' and '.join(v)} only" for k, v in owners.items()})
 
     def require_valid(self, mcfg: Mapping[str, Any]) -> None:
         """Raise one :class:`ConfigError` with every :meth:`check` problem (builds call it)."""

@@ -293,6 +293,7 @@ def _two_losses(out1, out2, mask, loss_fn) -> tuple[torch.Tensor, dict]:
 
 class DoubleUNetFamily(Family):
     name = "doubleunet"
+    own_keys = ("depth",)
     uses_encoder = False  # VGG19 / its own encoder: model.encoder is ignored
 
     def check(self, mcfg: Mapping[str, Any]) -> list[str]:
@@ -313,7 +314,7 @@ class DoubleUNetFamily(Family):
                 f"model.encoder_weights must be imagenet or null for doubleunet, got {weights!r}"
             )
         return problems + self.unused(
-            mcfg, aux_head="", width="", decoder_channels="its decoders follow the paper"
+            mcfg, aux_head="", decoder_channels="its decoders follow the paper"
         )
 
     def build(self, mcfg: Mapping[str, Any]) -> nn.Module:

@@ -34,6 +34,10 @@ Config (the ``model`` section):
     default: true with pretrained weights, false without.
 ``detections_per_img``
     at most this many detections per image (default 100).
+``fpn_channels``, ``roi_samples``, ``rpn_proposals``
+    a lighter model for CPUs (null = torchvision's 256, 512, 2000): the FPN and mask-head width
+    (anything but 256 does not fit the COCO weights), the RoIs sampled per image for the box and
+    mask losses, and the RPN proposals kept per image in training (half in inference).
 ``in_channels`` must be 3 (the pipeline replicates grey to 3 channels); ``aux_head`` is not
 supported.
 
@@ -56,6 +60,10 @@ import torchvision
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.models.detection.backbone_utils import (
     _mobilenet_extractor,
     _resnet_fpn_extractor,
@@ -74,6 +82,7 @@ log = logging.getLogger(__name__)
 NUM_CLASSES = 2  # background, pneumothorax
 DEFAULT_SIZE = 512
 DEFAULT_MIN_SCORE = 0.05
+FPN_CHANNELS = 256  # torchvision's FPN width (the COCO weights')
 WEIGHTS = (None, "imagenet", "coco")
 
 _M = torchvision.models
@@ -274,10 +283,46 @@ def _load_into(
         log.info("%s: replaced %d weights of another shape (%s)", source, len(shapes), shapes[:4])
 
 
+def _light_settings(backbone: nn.Module, mcfg: Mapping[str, Any]) -> dict[str, Any]:
+    """MaskRCNN keyword arguments for ``fpn_channels``, ``roi_samples`` and ``rpn_proposals``
+    (torchvision's defaults where null). A narrower FPN also narrows the mask head, whose four
+    256-channel convs on every positive RoI are most of a CPU training step; ``backbone``'s FPN
+    is rebuilt at that width."""
+    kwargs: dict[str, Any] = {}
+    width = _as_int(mcfg.get("fpn_channels"))
+    if width and width != FPN_CHANNELS:
+        ins = [block[0].in_channels for block in backbone.fpn.inner_blocks]
+        backbone.fpn = FeaturePyramidNetwork(ins, width, extra_blocks=LastLevelMaxPool())
+        backbone.out_channels = width
+        kwargs.update(  # torchvision's heads at this width (num_classes goes to the predictors)
+            box_predictor=FastRCNNPredictor(1024, NUM_CLASSES),
+            mask_head=MaskRCNNHeads(width, (width,) * 4, 1),
+            mask_predictor=MaskRCNNPredictor(width, width, NUM_CLASSES),
+        )
+    else:
+        kwargs["num_classes"] = NUM_CLASSES
+    proposals = _as_int(mcfg.get("rpn_proposals"))
+    if proposals:
+        test = max(proposals // 2, 1)  # torchvision's 2000 / 1000 ratio
+        kwargs.update(
+            rpn_pre_nms_top_n_train=proposals, rpn_post_nms_top_n_train=proposals,
+            rpn_pre_nms_top_n_test=test, rpn_post_nms_top_n_test=test,
+        )  # fmt: skip
+    samples = _as_int(mcfg.get("roi_samples"))
+    if samples:
+        kwargs["box_batch_size_per_image"] = samples
+    return kwargs
+
+
 class MaskRCNNFamily(Family):
     name = "maskrcnn"
     needs_instances = True
     tunable = ("min_score",)
+    has_eval_loss = False  # torchvision computes its losses only in train mode
+    own_keys = (
+        "trainable_layers", "freeze_bn", "detections_per_img",
+        "fpn_channels", "roi_samples", "rpn_proposals",
+    )  # fmt: skip
 
     # ---- config
     def check(self, mcfg: Mapping[str, Any]) -> list[str]:
@@ -326,9 +371,18 @@ class MaskRCNNFamily(Family):
                     f"model.trainable_layers must be an integer in [0, {top}] for {encoder}, "
                     f"got {layers!r}"
                 )
-        det = mcfg.get("detections_per_img")
-        if det is not None and not (_as_int(det) or 0) > 0:
-            problems.append(f"model.detections_per_img must be a positive integer, got {det!r}")
+        for key in ("detections_per_img", "fpn_channels", "roi_samples", "rpn_proposals"):
+            value = mcfg.get(key)
+            if value is not None and not (_as_int(value) or 0) > 0:
+                problems.append(f"model.{key} must be null or a positive integer, got {value!r}")
+        fpn = _as_int(mcfg.get("fpn_channels"))
+        if weights == "coco" and fpn not in (None, FPN_CHANNELS) and not mcfg.get(
+            "encoder_weights_path"
+        ):
+            problems.append(
+                f"model.fpn_channels {fpn} does not fit the COCO weights (FPN width "
+                f"{FPN_CHANNELS}): set it to null or use imagenet weights"
+            )
         return problems
 
     # ---- build
@@ -372,9 +426,9 @@ class MaskRCNNFamily(Family):
             )
         else:
             backbone = _resnet_fpn_extractor(net, layers)
+        kwargs.update(_light_settings(backbone, mcfg))
         model = PneumoMaskRCNN(
             backbone,
-            num_classes=NUM_CLASSES,
             min_size=size,
             max_size=size,
             image_mean=[0.0, 0.0, 0.0],

@@ -96,6 +96,7 @@ def _int_or_none(value) -> bool:
 
 class UNetClassicFamily(Family):
     name = "unet_classic"
+    own_keys = ("width", "depth")
     uses_encoder = False  # its own encoder: model.encoder is ignored
 
     def check(self, mcfg: Mapping[str, Any]) -> list[str]:
