@@ -135,3 +135,12 @@ def test_rng_state_roundtrip_through_weights_only_checkpoint(tmp_path):
     engine.set_rng_state(engine.load_torch(tmp_path / "rng.pt"))
     b = (random.random(), np.random.rand(), torch.rand(1).item())  # noqa: NPY002
     assert a == b
+
+
+def test_checkpoints_ties_keep_the_later_epochs(tmp_path):
+    """All-empty epochs tie at the baseline: the later (longer-trained) ones are kept."""
+    ck = engine.Checkpoints(tmp_path, k=2)
+    for epoch, score in enumerate([0.78, 0.78, 0.78, 0.5, 0.78]):
+        ck.update(score, epoch, {"w": torch.zeros(1)}, {"config": {}})
+    assert [b[1] for b in ck.best] == [4, 2]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["epoch002.pt", "epoch004.pt"]

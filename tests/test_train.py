@@ -290,6 +290,6 @@ def test_select_dice_gated_ranks_the_checkpoints(tiny_data):
     log = pd.read_csv(out / "log.csv")
     assert {"dice_gated", "gate_threshold", "gate_area"} <= set(log)
     assert (log["dice_gated"] >= log["dice"] - 1e-9).all()  # 0.5 without a gate is in the grid
-    best = int(log["dice_gated"].idxmax())  # first maximum: later ties do not replace it
+    best = int(log["dice_gated"][::-1].idxmax())  # on a tie the later epoch is kept
     kept = sorted(p.name for p in (out / "checkpoints").glob("epoch*.pt"))
     assert kept == [f"epoch{best:03d}.pt"]

@@ -381,6 +381,12 @@ def _by_threshold(chunks: list[torch.Tensor], n_thresholds: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- checkpoints
+def _rank(entry: tuple[float, int, str]) -> tuple[float, int]:
+    """Best score first; on a tie the later epoch, which has trained longer (a from-scratch model
+    scores the all-empty baseline for several epochs: keep the last of them, not the first)."""
+    return -entry[0], -entry[1]
+
+
 @dataclass
 class Checkpoints:
     """Top-k checkpoints by validation Dice plus ``last.pt`` (for ``--resume``), in ``folder``.
@@ -401,7 +407,7 @@ class Checkpoints:
         """Save this epoch's weights if they rank in the top k; return True if saved."""
         if self.k <= 0 or not math.isfinite(score):
             return False
-        ranked = sorted([*self.best, (score, epoch, "")], key=lambda t: (-t[0], t[1]))
+        ranked = sorted([*self.best, (score, epoch, "")], key=_rank)
         if (score, epoch, "") not in ranked[: self.k]:
             return False
         name = f"epoch{epoch:03d}.pt"
@@ -409,7 +415,7 @@ class Checkpoints:
             {"state_dict": dict(state_dict), **extra, "epoch": epoch, "score": score},
             self.folder / name,
         )
-        self.best = sorted([*self.best, (score, epoch, name)], key=lambda t: (-t[0], t[1]))
+        self.best = sorted([*self.best, (score, epoch, name)], key=_rank)
         for _, _, old in self.best[self.k :]:
             (self.folder / old).unlink(missing_ok=True)
         self.best = self.best[: self.k]
