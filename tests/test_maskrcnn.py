@@ -312,9 +312,7 @@ def test_light_settings_build_and_train(encoder):
     """model.fpn_channels / roi_samples / rpn_proposals: a narrower FPN and mask head, fewer
     sampled RoIs and proposals, and the model still trains and predicts."""
     torch.manual_seed(0)
-    model = FAM.build(
-        mcfg(encoder=encoder, fpn_channels=32, roi_samples=24, rpn_proposals=200)
-    )
+    model = FAM.build(mcfg(encoder=encoder, fpn_channels=32, roi_samples=24, rpn_proposals=200))
     assert model.backbone.out_channels == 32
     assert model.backbone.fpn.layer_blocks[0][0].out_channels == 32
     assert [m.out_channels for m in model.roi_heads.mask_head.modules()

@@ -376,7 +376,9 @@ def evaluate(
 
 def _by_threshold(chunks: list[torch.Tensor], n_thresholds: int) -> np.ndarray:
     """Per-batch, per-threshold area vectors (batch-major) -> one (N, T) array."""
-    batches = [torch.stack(chunks[i : i + n_thresholds], 1) for i in range(0, len(chunks), n_thresholds)]
+    batches = [
+        torch.stack(chunks[i : i + n_thresholds], 1) for i in range(0, len(chunks), n_thresholds)
+    ]
     return torch.cat(batches).double().numpy()
 
 

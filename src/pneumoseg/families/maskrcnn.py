@@ -60,14 +60,14 @@ import torchvision
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.models.detection.backbone_utils import (
     _mobilenet_extractor,
     _resnet_fpn_extractor,
 )
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from pneumoseg.errors import (
     ConfigError,
@@ -376,8 +376,10 @@ class MaskRCNNFamily(Family):
             if value is not None and not (_as_int(value) or 0) > 0:
                 problems.append(f"model.{key} must be null or a positive integer, got {value!r}")
         fpn = _as_int(mcfg.get("fpn_channels"))
-        if weights == "coco" and fpn not in (None, FPN_CHANNELS) and not mcfg.get(
-            "encoder_weights_path"
+        if (
+            weights == "coco"
+            and fpn not in (None, FPN_CHANNELS)
+            and not mcfg.get("encoder_weights_path")
         ):
             problems.append(
                 f"model.fpn_channels {fpn} does not fit the COCO weights (FPN width "
