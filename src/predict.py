@@ -44,10 +44,9 @@ from pneumoseg.errors import (
     SubmissionError,
     UserError,
 )
+from pneumoseg.predictor import Predictor
 
 log = logging.getLogger("pneumoseg.predict")
-
-DEFAULT_PARAMS = {"method": "threshold", "threshold": 0.5, "min_area": 0}
 
 
 def get_args(argv=None):
@@ -81,78 +80,6 @@ def get_args(argv=None):
 # ==================================================================================================
 # shared pieces
 # ==================================================================================================
-def postprocess_params(cfg: dict) -> dict:
-    """The post-processing ``oof_tune.py`` tuned for this config (for a blend: on the blend's OOF
-    maps, under the blend config's own ``exp``), or threshold 0.5 with a warning."""
-    from pneumoseg.postprocess import load_params
-
-    path = Path(str(cfg["train"]["out_dir"])) / str(cfg["exp"]) / "postprocess.yaml"
-    if path.is_file():
-        params = load_params(path)
-        log.info("post-processing from %s: %s", path, params)
-        return params
-    log.warning(
-        "%s not found (run src/oof_tune.py to tune it): using a plain threshold of 0.5 without "
-        "component filtering",
-        path,
-    )
-    return dict(DEFAULT_PARAMS)
-
-
-class Predictor:
-    """The ensemble plus everything needed to turn images at ``cache.size`` into RLEs."""
-
-    def __init__(self, cfg: dict, relative: bool):
-        from pneumoseg import engine
-        from pneumoseg.inference import load_models, parse_tta
-
-        self.cfg = cfg
-        self.device = engine.get_device(cfg["train"]["device"])
-        self.dtype = engine.inference_dtype(self.device, cfg["predict"]["amp"])
-        self.tta = list(cfg["predict"]["tta"] or [])
-        parse_tta(self.tta)  # fail on a bad view before loading anything
-        self.members = load_models(cfg, self.device)
-        self.params = postprocess_params(cfg)
-        apply_model_options(self.members, self.params.get("model_options") or {})
-        self.relative = relative
-        self.batch_size = max(1, int(cfg["predict"]["batch_size"]))
-        log.info(
-            "%d model(s), TTA %s, batch %d, device %s",
-            len(self.members),
-            self.tta or "none",
-            self.batch_size,
-            self.device,
-        )
-
-    def probs(self, images, sizes):
-        """uint8 (N, S, S) -> (list of float32 probabilities at ``sizes``, cls (N,) or None)."""
-        from pneumoseg.inference import predict_probs, resize_to_original
-
-        p, cls = predict_probs(self.members, images, self.tta, self.device, self.dtype)
-        full = resize_to_original(p, sizes)
-        return full, (None if cls is None else cls.float().cpu().numpy())
-
-    def finish(self, prob, cls_prob):
-        """Probabilities at original size -> (mask, rle)."""
-        from pneumoseg.postprocess import apply_postprocess, area_scale_for
-        from pneumoseg.rle import rle_encode
-
-        h, w = prob.shape
-        mask = apply_postprocess(prob, self.params, area_scale_for((h * w) ** 0.5), cls_prob)
-        return mask, rle_encode(mask, relative=self.relative)
-
-
-def apply_model_options(members, options: dict) -> None:
-    """Set the tuned inference options (``model_options`` of postprocess.yaml) on the models whose
-    family has them (e.g. a detector's ``min_score``)."""
-    from pneumoseg.families import family_for
-
-    for m in members:
-        family = family_for(m.cfg)
-        for name, value in options.items():
-            if name in family.tunable:
-                family.set_option(m.model, name, value)
-                log.info("%s model: %s = %g (tuned)", family.name, name, value)
 
 
 def find_sample(cfg: dict, given: Path | None) -> Path | None:
@@ -281,14 +208,10 @@ def run_submission(cfg: dict, args) -> Path:
 # ==================================================================================================
 def run_images(cfg: dict, args) -> list[tuple[str, str]]:
     """Predict each ``--image``; unreadable ones are listed at the end (the others are written)."""
-    import numpy as np
-
-    from pneumoseg.cache import resize_image
     from pneumoseg.io import read_image
     from pneumoseg.visualize import overlay, save_rgb
 
     relative = (args.rle or cfg["predict"]["rle"]) == "relative"
-    size = int(cfg["cache"]["size"])
     predictor = Predictor(cfg, relative)
     out_rows: list[tuple[str, str]] = []
     bad: list[str] = []
@@ -305,8 +228,7 @@ def run_images(cfg: dict, args) -> list[tuple[str, str]]:
                 bad.append(str(path))
         if not chunk:
             continue
-        small = np.stack([resize_image(im, size) for im in originals])
-        probs, cls = predictor.probs(small, [im.shape for im in originals])
+        probs, cls = predictor.probs_of(originals)
         for j, path in enumerate(chunk):
             c = None if cls is None else float(cls[j])
             mask, rle = predictor.finish(probs[j], c)

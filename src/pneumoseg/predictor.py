@@ -1,0 +1,112 @@
+"""The trained experiment as one object: fold ensemble × TTA × tuned post-processing.
+
+``predict.py`` (submissions and ``--image``) and the web app (``pneumoseg.serve``) both predict
+through :class:`Predictor`, so a page and a submission agree pixel for pixel on the same image:
+images are resized to ``cache.size`` exactly as the cache does, every model of
+``predict.experiments`` × ``predict.folds`` runs with the ``predict.tta`` views, probabilities go
+back to each image's original size, and ``<train.out_dir>/<exp>/postprocess.yaml`` (tuned by
+``oof_tune.py``) turns them into masks and RLE rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("pneumoseg.predict")
+
+DEFAULT_PARAMS = {"method": "threshold", "threshold": 0.5, "min_area": 0}
+
+
+def postprocess_path(cfg: Mapping[str, Any]) -> Path:
+    return Path(str(cfg["train"]["out_dir"])) / str(cfg["exp"]) / "postprocess.yaml"
+
+
+def postprocess_params(cfg: Mapping[str, Any]) -> dict:
+    """The post-processing ``oof_tune.py`` tuned for this config (for a blend: on the blend's OOF
+    maps, under the blend config's own ``exp``), or threshold 0.5 with a warning."""
+    from pneumoseg.postprocess import load_params
+
+    path = postprocess_path(cfg)
+    if path.is_file():
+        params = load_params(path)
+        log.info("post-processing from %s: %s", path, params)
+        return params
+    log.warning(
+        "%s not found (run src/oof_tune.py to tune it): using a plain threshold of 0.5 without "
+        "component filtering",
+        path,
+    )
+    return dict(DEFAULT_PARAMS)
+
+
+def apply_model_options(members, options: Mapping[str, float]) -> None:
+    """Set the tuned inference options (``model_options`` of postprocess.yaml) on the models whose
+    family has them (e.g. a detector's ``min_score``)."""
+    from pneumoseg.families import family_for
+
+    for m in members:
+        family = family_for(m.cfg)
+        for name, value in options.items():
+            if name in family.tunable:
+                family.set_option(m.model, name, value)
+                log.info("%s model: %s = %g (tuned)", family.name, name, value)
+
+
+class Predictor:
+    """The ensemble plus everything needed to turn images into probabilities, masks and RLEs."""
+
+    def __init__(self, cfg: dict, relative: bool = True):
+        from pneumoseg import engine
+        from pneumoseg.inference import load_models, parse_tta
+
+        self.cfg = cfg
+        self.size = int(cfg["cache"]["size"])
+        self.device = engine.get_device(cfg["train"]["device"])
+        self.dtype = engine.inference_dtype(self.device, cfg["predict"]["amp"])
+        self.tta = list(cfg["predict"]["tta"] or [])
+        parse_tta(self.tta)  # fail on a bad view before loading anything
+        self.members = load_models(cfg, self.device)
+        self.params = postprocess_params(cfg)
+        apply_model_options(self.members, self.params.get("model_options") or {})
+        self.relative = relative
+        self.batch_size = max(1, int(cfg["predict"]["batch_size"]))
+        log.info(
+            "%d model(s), TTA %s, batch %d, device %s",
+            len(self.members),
+            self.tta or "none",
+            self.batch_size,
+            self.device,
+        )
+
+    def probs(self, images, sizes):
+        """uint8 (N, S, S) -> (list of float32 probabilities at ``sizes``, cls (N,) or None)."""
+        from pneumoseg.inference import predict_probs, resize_to_original
+
+        p, cls = predict_probs(self.members, images, self.tta, self.device, self.dtype)
+        full = resize_to_original(p, sizes)
+        return full, (None if cls is None else cls.float().cpu().numpy())
+
+    def probs_of(self, originals: Sequence[np.ndarray]):
+        """Images at their own sizes (uint8 2-D) -> probabilities at those sizes, cls or None:
+        resized to ``cache.size`` exactly as the cache resizes them."""
+        from pneumoseg.cache import resize_image
+
+        small = np.stack([resize_image(im, self.size) for im in originals])
+        return self.probs(small, [im.shape for im in originals])
+
+    def finish(self, prob, cls_prob, params: Mapping | None = None):
+        """Probabilities at original size -> (mask, rle), with the tuned post-processing (or
+        ``params``, e.g. another threshold)."""
+        from pneumoseg.postprocess import apply_postprocess, area_scale_for
+        from pneumoseg.rle import rle_encode
+
+        h, w = prob.shape
+        mask = apply_postprocess(
+            prob, params or self.params, area_scale_for((h * w) ** 0.5), cls_prob
+        )
+        return mask, rle_encode(mask, relative=self.relative)
