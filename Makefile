@@ -8,7 +8,7 @@ CONFIG ?= configs/demo.yaml
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install lock test lint fast-test demo bench strip-notebooks clean-demo
+.PHONY: install lock test lint fast-test demo serve bench strip-notebooks clean-demo
 
 install: $(STAMP)
 
@@ -77,6 +77,10 @@ fast-test: install
 # The whole pipeline on the built-in synthetic data set (see src/demo.py).
 demo: install
 	$(PY) src/demo.py
+
+# The web app over the demo experiment (after `make demo`): http://127.0.0.1:8000/
+serve: install
+	$(PY) src/serve.py --config $(CONFIG)
 
 bench: install
 	$(PY) benchmarks/bench_rle.py

@@ -247,6 +247,12 @@ def read_png(path: str | Path) -> np.ndarray:
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise DataError(f"{path}: cannot decode the image (corrupt, empty, or not a PNG/JPEG)")
+    return gray_uint8(arr)
+
+
+def gray_uint8(arr: np.ndarray) -> np.ndarray:
+    """What OpenCV decoded (grey, BGR, BGRA; 8/16-bit or float) -> uint8 H×W grey, the one
+    conversion every PNG/JPEG path uses (files, the cache, uploads to the web app)."""
     if arr.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if arr.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         arr = cv2.cvtColor(arr, code)

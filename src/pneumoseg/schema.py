@@ -309,6 +309,21 @@ def _experiments(items: Any) -> Iterator[str]:
         yield from _num(f"predict.experiments[{i}] weight", weight, lo=0, lo_open=True)
 
 
+def _serve(s: Mapping, cfg: Mapping) -> Iterator[str]:
+    yield from _text("serve.host", s["host"])
+    yield from _num("serve.port", s["port"], lo=1, hi=65535)
+    yield from _num("serve.max_body_mb", s["max_body_mb"], lo=0, lo_open=True)
+    for key in ("max_files", "max_pixels"):
+        yield from _num(f"serve.{key}", s[key], lo=1)
+    if s["concurrency"] is not None:
+        yield from _num("serve.concurrency", s["concurrency"], lo=1)
+    if s["queue"] is not None:
+        yield from _num("serve.queue", s["queue"], lo=0)
+    origins = s["cors_origins"]
+    if not isinstance(origins, list) or not all(isinstance(o, str) and o for o in origins):
+        yield f"serve.cors_origins: must be a list of origins like 'http://localhost:3000', got {origins!r}"
+
+
 _SECTIONS: dict[str, Callable[[Any, Mapping], Iterator[str]]] = {
     "data": _data,
     "cache": _cache,
@@ -321,4 +336,5 @@ _SECTIONS: dict[str, Callable[[Any, Mapping], Iterator[str]]] = {
     "oof": _oof,
     "tune": _tune,
     "predict": _predict,
+    "serve": _serve,
 }
