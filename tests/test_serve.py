@@ -295,3 +295,15 @@ def test_serve_script_user_errors(tmp_path):
         busy = s.getsockname()[1]
         code, out = run_cli("serve", "--config", DEMO, "--port", str(busy), *over)
     assert code == 2 and f"cannot listen on 127.0.0.1:{busy}" in out and "Traceback" not in out
+
+
+def test_page_and_its_files_are_served_with_safe_headers(served):
+    client, _ = served
+    r = client.get("/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert "Research use only, not for diagnosis" in r.text
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert r.headers["x-content-type-options"] == "nosniff"
+    for name in ("app.js", "style.css"):
+        assert client.get(f"/static/{name}").status_code == 200
+    assert client.get("/static/../app.py").status_code == 404

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,14 +26,27 @@ from fastapi import (  # module level: FastAPI resolves the handlers' annotation
     Request,
 )
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from pneumoseg.errors import UserError
 from pneumoseg.serve.uploads import Decoded, UploadError, decode_upload
 
 log = logging.getLogger("pneumoseg.serve")
 
-OUTPUTS = ("mask", "overlay", "prob")  # PNGs a client may ask for (base64 in the JSON)
+STATIC = Path(__file__).resolve().parent / "static"  # the page: plain HTML/CSS/JS, no build step
+SECURITY_HEADERS = {
+    # the page loads only its own files; images are data:/blob: URLs made in the browser
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+    "style-src 'self'; script-src 'self'; object-src 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+# PNGs a client may ask for (base64 in the JSON): the final mask, the server-drawn overlay, the
+# probability map (p x 255: the page re-thresholds it without a new forward pass) and the decoded
+# grey image (browsers cannot show DICOM).
+OUTPUTS = ("mask", "overlay", "prob", "image")
 
 
 class BodyTooLarge(Exception):
@@ -173,6 +187,7 @@ class Service:
         image_prob = float(prob.max()) if cls is None else cls
         res = {
             "kind": d.kind,
+            "threshold": _threshold_of(self.predictor.params),
             "height": int(d.image.shape[0]),
             "width": int(d.image.shape[1]),
             "probability": round(image_prob, 6),
@@ -185,12 +200,22 @@ class Service:
             res["mask_png"] = _png_b64((mask > 0).astype(np.uint8) * 255)
         if "prob" in outputs:
             res["prob_png"] = _png_b64(np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8))
+        if "image" in outputs:
+            res["image_png"] = _png_b64(d.image)
         if "overlay" in outputs:
             from pneumoseg.visualize import overlay
 
             pic = overlay(d.image, prob, mask, image_prob=image_prob)
             res["overlay_png"] = _png_b64(pic[..., ::-1])  # RGB -> BGR for OpenCV
         return res
+
+
+def _threshold_of(params: Mapping[str, Any]) -> float:
+    """The pixel threshold of the tuned post-processing (the triplet's bottom threshold): where
+    the page's threshold slider starts."""
+    t = params.get("threshold") if params.get("method") == "threshold" else None
+    t = params.get("bottom_threshold") if t is None else t
+    return float(0.5 if t is None else t)
 
 
 def components(mask: np.ndarray, prob: np.ndarray) -> list[dict]:
@@ -279,6 +304,19 @@ def create_app(cfg: Mapping[str, Any], predictor=None):
     def error(status: int, detail: str, **extra) -> JSONResponse:
         headers = {"Retry-After": "1"} if status in (429, 503) else None
         return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        if not request.url.path.startswith(("/docs", "/redoc")):  # Swagger UI loads a CDN
+            response.headers.update(SECURITY_HEADERS)
+        return response
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
 
     @app.get("/health")
     def health() -> dict:
