@@ -3,7 +3,12 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { items: [], tuned: true };
+const state = { items: [], tuned: true, tunedThreshold: 0.5 };
+
+function showThreshold(value) {
+  $("#threshold").value = value;
+  $("#threshold-value").textContent = Number(value).toFixed(2);
+}
 
 function setMessage(text, bad = false) {
   const el = $("#message");
@@ -223,10 +228,9 @@ async function upload(files) {
     return;
   }
   for (let i = 0; i < results.length; i++) await addResult(files[i], results[i]);
-  if (results.length && results[0].threshold !== undefined && state.items.length === results.length) {
-    $("#threshold").value = results[0].threshold;
-    $("#threshold-value").textContent = Number(results[0].threshold).toFixed(2);
-  }
+  const first = results.find((r) => r.threshold !== undefined);
+  if (first) state.tunedThreshold = first.threshold;
+  if (first && state.tuned) showThreshold(first.threshold);
   const failed = results.filter((r) => r.error).length;
   setMessage(failed ? `${results.length - failed} predicted, ${failed} refused (see the cards).`
     : `${results.length} image(s) predicted.`, !response.ok);
@@ -253,7 +257,11 @@ function init() {
     $("#opacity-value").textContent = Number(e.target.value).toFixed(2);
     renderAll();
   });
-  $("#reset").addEventListener("click", () => { state.tuned = true; renderAll(); });
+  $("#reset").addEventListener("click", () => {
+    state.tuned = true;
+    showThreshold(state.tunedThreshold);
+    renderAll();
+  });
   $("#csv").addEventListener("click", () => {
     const a = document.createElement("a");
     a.href = csvUrl(state.items.map((it) => [it.result.id, it.rle]));

@@ -1,0 +1,127 @@
+"""The page in a real browser: headless Chromium from the OS packages (``chromium`` and
+``chromium-driver``), driven by selenium with explicit binary and driver paths so that nothing is
+downloaded. It opens the page served by ``src/serve.py`` on a free 127.0.0.1 port, uploads a real
+SIIM DICOM, waits for the overlay and the probability, moves the threshold slider and sees the
+mask change, and saves a screenshot.
+
+``PNEUMOSEG_SCREENSHOT=path.png`` keeps the screenshot there (the README's is made this way, with
+``PNEUMOSEG_SERVE_CONFIG=configs/demo.yaml`` to serve the demo experiment instead of the test's
+untrained tiny model, and ``PNEUMOSEG_SCREENSHOT_IMAGE`` to upload a synthetic test image the
+demo model was made for)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="needs the OS packages chromium and chromium-driver (apt-get install chromium "
+    "chromium-driver; .ci/run installs them when it runs as root on Debian)",
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    import httpx
+    from test_serve import _experiment
+
+    config = os.environ.get("PNEUMOSEG_SERVE_CONFIG")
+    if config:
+        argv = ["--config", config]
+    else:
+        _, over = _experiment(tmp_path)
+        argv = ["--config", str(REPO / "configs" / "demo.yaml"), *over]
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "src" / "serve.py"), *argv, "--port", str(port)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).json()["model_loaded"]:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"the server did not start: {proc.communicate()[0]}")
+    yield url
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,1350"):  # fmt: skip
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_upload_a_real_dicom_and_move_the_threshold(server, browser, real_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    dicom = sorted((real_dir / "stage2_test").glob("ID_*.dcm"))[0]
+    dicom = Path(os.environ.get("PNEUMOSEG_SCREENSHOT_IMAGE") or dicom).resolve()
+    browser.get(server + "/")
+    wait = WebDriverWait(browser, 120)
+    assert "Research use only, not for diagnosis" in browser.find_element(By.ID, "notice").text
+    wait.until(ec.text_to_be_present_in_element((By.ID, "model-status"), "Model:"))
+    browser.find_element(By.ID, "files").send_keys(str(dicom))
+    card = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".card[data-ready='1']")))
+    probability = card.find_element(By.CSS_SELECTOR, ".probability").text
+    assert 0 <= float(probability) <= 1
+    canvas = card.find_element(By.TAG_NAME, "canvas")
+    import pydicom
+
+    columns = int(pydicom.dcmread(dicom, stop_before_pixels=True).Columns)
+    assert browser.execute_script("return arguments[0].width", canvas) == columns  # full size
+    assert card.find_element(By.CSS_SELECTOR, ".dl-row").get_attribute("href").startswith("blob:")
+
+    def area_at(value: float) -> int:
+        slider = browser.find_element(By.ID, "threshold")
+        browser.execute_script(
+            "arguments[0].value = arguments[1];"
+            "arguments[0].dispatchEvent(new Event('input', {bubbles: true}));",
+            slider, str(value),
+        )  # fmt: skip
+        return int(card.get_attribute("data-area"))
+
+    low, high = area_at(0.05), area_at(0.95)
+    assert low > high, (low, high)  # the mask follows the slider without a new request
+    browser.find_element(By.ID, "reset").click()  # back to the tuned mask for the screenshot
+    shot = Path(os.environ.get("PNEUMOSEG_SCREENSHOT") or tmp_path / "page.png")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
