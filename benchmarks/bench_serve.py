@@ -1,0 +1,174 @@
+"""The web app under concurrent clients: latency, throughput, errors and peak memory.
+
+    python benchmarks/bench_serve.py [--duration 20] [--setups demo r34_512 r34_512_x5]
+                                     [--images ../shared/data/siim-real/stage2_test]
+
+Each setup starts ``src/serve.py`` on a free 127.0.0.1 port (its own process, default limits:
+concurrency 1 on a CPU and a queue of 2) and runs two client loads for ``--duration`` seconds
+each, every client uploading the real SIIM DICOMs (1024², JPEG) one request at a time, round robin:
+
+* ``at cap``: as many clients as the server admits (concurrency + queue): every answer must be 200;
+* ``3x cap``: three times as many: the extra requests must get a clean 503 at once, nothing else.
+
+Setups, all with hflip TTA: ``demo`` (the demo experiment: 3 ResNet18 U-Nets at 128 px; needs
+``make demo`` first), ``r34_512`` (one ResNet34 U-Net at 512 px, untrained weights: the timing is
+the same) and ``r34_512_x5`` (five of them, a 5-fold ensemble). Printed per load: requests, 200s,
+503s, other statuses, p50/p95 latency of the 200s, images/s, and the server's peak RSS (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess  # nosec B404
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from pneumoseg.config import load_config  # noqa: E402
+from pneumoseg.models import build_model, model_cfg  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def untrained_experiment(root: Path, folds: int) -> list[str]:
+    """``folds`` untrained ResNet34 U-Nets (512 px) as runs/r34/fold<k>/model.pt; the overrides
+    that serve them."""
+    over = ["model.encoder_weights=null", f"train.out_dir={root}", "exp=r34", "train.device=cpu"]
+    cfg = load_config(REPO / "configs" / "r34_unet_512.yaml", over)
+    for k in range(folds):
+        torch.manual_seed(k)
+        model = build_model(model_cfg(cfg))
+        (root / "r34" / f"fold{k}").mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": model.state_dict(), "config": {"model": cfg["model"],
+                    "cache": {"size": 512}}}, root / "r34" / f"fold{k}" / "model.pt")  # fmt: skip
+    return ["--config", "configs/r34_unet_512.yaml", *over, f"predict.folds={list(range(folds))}"]
+
+
+def start_server(argv: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(  # nosec B603  (our own script, fixed argv)
+        [sys.executable, str(REPO / "src" / "serve.py"), *argv, "--port", str(port)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            health = httpx.get(f"{url}/health", timeout=2).json()
+            if health["model_loaded"]:
+                return proc, url
+            raise SystemExit(f"the server has no model: {health['problem']}")
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load(url: str, images: list[bytes], clients: int, duration: float) -> dict:
+    """``clients`` threads posting one image per request until ``duration`` has passed."""
+    lat, statuses, lock = [], [], threading.Lock()
+    stop = time.perf_counter() + duration
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=300) as http:
+            k = i
+            while time.perf_counter() < stop:
+                data = images[k % len(images)]
+                k += clients
+                t0 = time.perf_counter()
+                r = http.post(f"{url}/api/predict", files=[("files", ("x.dcm", data))])
+                dt = time.perf_counter() - t0
+                with lock:
+                    statuses.append(r.status_code)
+                    if r.status_code == 200:
+                        lat.append(dt)
+                if r.status_code == 503:
+                    time.sleep(0.05)  # a polite client backs off a little
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = statuses.count(200)
+    q = statistics.quantiles(lat, n=20) if len(lat) >= 2 else [float("nan")] * 19
+    return {
+        "clients": clients,
+        "requests": len(statuses),
+        "200": ok,
+        "503": statuses.count(503),
+        "other": len(statuses) - ok - statuses.count(503),
+        "p50_s": statistics.median(lat) if lat else float("nan"),
+        "p95_s": q[18],
+        "img_per_s": ok / wall,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds per load")
+    ap.add_argument("--setups", nargs="+", default=["demo", "r34_512", "r34_512_x5"])
+    ap.add_argument("--images", type=Path,
+                    default=REPO.parent / "shared" / "data" / "siim-real" / "stage2_test")  # fmt: skip
+    args = ap.parse_args()
+    images = [p.read_bytes() for p in sorted(args.images.glob("*.dcm"))]
+    if not images:
+        raise SystemExit(f"no DICOMs in {args.images}")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, {len(images)} real DICOMs")  # fmt: skip
+    print(f"{'setup':12} {'load':8} {'clients':>7} {'requests':>8} {'200':>5} {'503':>5} "
+          f"{'other':>5} {'p50 s':>7} {'p95 s':>7} {'img/s':>6} {'peak RSS MB':>11}")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        for setup in args.setups:
+            if setup == "demo":
+                if not list((REPO / "runs" / "demo").glob("fold*/model.pt")):
+                    print("demo: no runs/demo models (run `make demo` first): skipped")
+                    continue
+                argv = ["--config", "configs/demo.yaml"]
+            else:
+                folds = 5 if setup.endswith("_x5") else 1
+                argv = untrained_experiment(Path(tmp) / setup, folds)
+            proc, url = start_server(argv)
+            try:
+                h = httpx.get(f"{url}/health").json()
+                cap = h["concurrency"] + h["queue"]
+                for name, clients in (("at cap", cap), ("3x cap", 3 * cap)):
+                    r = load(url, images, clients, args.duration)
+                    print(f"{setup:12} {name:8} {r['clients']:>7} {r['requests']:>8} "
+                          f"{r['200']:>5} {r['503']:>5} {r['other']:>5} {r['p50_s']:>7.2f} "
+                          f"{r['p95_s']:>7.2f} {r['img_per_s']:>6.2f} "
+                          f"{peak_rss_mb(proc.pid):>11.0f}", flush=True)  # fmt: skip
+            finally:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
