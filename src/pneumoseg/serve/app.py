@@ -141,7 +141,13 @@ class Service:
 
                 self.predictor = Predictor(dict(cfg), relative=cfg["predict"]["rle"] == "relative")
             except UserError as e:
-                self.problem = str(e)
+                # the details (paths of this server's files) go to its log; /health says what
+                # to do in a fixed text
+                self.problem = (
+                    f"no trained model for experiment {cfg['exp']!r}: train it (python "
+                    "src/train.py --config <config> --fold k for every fold, or make demo for the "
+                    "demo experiment) and restart the server; its log says what is missing"
+                )
                 log.error("no model loaded: %s", e)
         sc = cfg["serve"]
         device = getattr(self.predictor, "device", None)
