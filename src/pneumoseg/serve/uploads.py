@@ -110,33 +110,36 @@ def _decode_raster(data: bytes, kind: str, max_pixels: int) -> np.ndarray:
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, str | None]:
+    # pydicom converts values lazily and warns (and logs) about odd ones quoting the value, e.g.
+    # "Invalid value for VR UI: '<the UID>'": every access stays inside the silenced block
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _read_dicom(data, max_pixels)
+
+
+def _read_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, str | None]:
     import pydicom
 
-    from pneumoseg.io import DicomReadError, _check_pixel_bytes, _to_uint8
+    from pneumoseg.io import _check_pixel_bytes, _to_uint8
 
     bad = UploadError(422, "the DICOM cannot be read (truncated, corrupt or not an image)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
     except Exception:
         raise bad from None
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     _check_dims(rows, cols, max_pixels)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise UploadError(422, "multi-frame DICOMs are not supported: send one X-ray per file")
     try:
         _check_pixel_bytes("upload", ds)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arr = ds.pixel_array
-        image = _to_uint8(arr, ds, "upload")
-    except (DicomReadError, Exception):
+        image = _to_uint8(ds.pixel_array, ds, "upload")
+        uid = str(ds.get("SOPInstanceUID", "") or "").strip() or None
+    except Exception:
         raise bad from None
     if image.shape != (rows, cols):
         raise bad
-    uid = str(ds.get("SOPInstanceUID", "") or "").strip() or None
     return image, uid
 
 
