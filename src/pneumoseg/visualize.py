@@ -131,13 +131,11 @@ def overlay(
     font, fscale = cv2.FONT_HERSHEY_SIMPLEX, max(0.35, 0.9 * scale)
     contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(rgb, contours, -1, color, thick, lineType=cv2.LINE_AA)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
     box_col = (255, 220, 0)
-    for k in range(1, n):
-        x, y, bw, bh, _area = (int(v) for v in stats[k])
-        score = float(p[labels == k].mean())
+    for c in components(m, p):
+        x, y, bw, bh = c["box"]
         cv2.rectangle(rgb, (x, y), (x + bw - 1, y + bh - 1), box_col, thick)
-        _text(rgb, f"{score:.2f}", (x, max(0, y - 4)), font, fscale * 0.8, box_col, thick)
+        _text(rgb, f"{c['score']:.2f}", (x, max(0, y - 4)), font, fscale * 0.8, box_col, thick)
 
     ip = float(p.max()) if image_prob is None else float(image_prob)
     label = f"{title}  p={ip:.3f}" if title else f"p={ip:.3f}"
@@ -152,6 +150,24 @@ def overlay(
         thick,
     )
     return rgb
+
+
+def components(mask, probs) -> list[dict]:
+    """Each 8-connected component of ``mask`` (H×W, nonzero = on): ``box`` ``[x, y, w, h]``,
+    ``area``, ``score`` (mean of ``probs``, float H×W in [0, 1], over it: what overlays print) and
+    ``max_probability``. The web app returns the same list."""
+    import cv2
+    import numpy as np
+
+    m = (np.asarray(mask) > 0).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    out = []
+    for k in range(1, n):
+        x, y, w, h, area = (int(v) for v in stats[k])
+        vals = probs[labels == k]
+        out.append({"box": [x, y, w, h], "area": area, "score": float(vals.mean()),
+                    "max_probability": float(vals.max())})  # fmt: skip
+    return out
 
 
 def _text(rgb, text, org, font, fscale, color, thick) -> None:

@@ -31,6 +31,7 @@ from fastapi.staticfiles import StaticFiles
 
 from pneumoseg.errors import UserError
 from pneumoseg.serve.uploads import Decoded, UploadError, decode_upload
+from pneumoseg.visualize import components, overlay
 
 log = logging.getLogger("pneumoseg.serve")
 
@@ -168,7 +169,7 @@ class Service:
             "tta": list(self.cfg["predict"]["tta"] or []),
             "device": None if p is None else str(p.device),
             "input_size": int(self.cfg["cache"]["size"]),
-            "postprocess": None if p is None else _plain(p.params),
+            "postprocess": None if p is None else dict(p.params),  # validated: plain values
             "concurrency": self.concurrency,
             "queue": self.queue,
             "version": self.version,
@@ -200,7 +201,14 @@ class Service:
             "decision": "pneumothorax" if mask.any() else "no pneumothorax",
             "area": int(mask.sum()),
             "rle": rle,
-            "components": components(mask, prob),
+            "components": [
+                {
+                    **c,
+                    "score": round(c["score"], 6),
+                    "max_probability": round(c["max_probability"], 6),
+                }
+                for c in components(mask, prob)
+            ],
         }
         if "mask" in outputs:
             res["mask_png"] = _png_b64((mask > 0).astype(np.uint8) * 255)
@@ -209,8 +217,6 @@ class Service:
         if "image" in outputs:
             res["image_png"] = _png_b64(d.image)
         if "overlay" in outputs:
-            from pneumoseg.visualize import overlay
-
             pic = overlay(d.image, prob, mask, image_prob=image_prob)
             res["overlay_png"] = _png_b64(pic[..., ::-1])  # RGB -> BGR for OpenCV
         return res
@@ -224,22 +230,6 @@ def _threshold_of(params: Mapping[str, Any]) -> float:
     return float(0.5 if t is None else t)
 
 
-def components(mask: np.ndarray, prob: np.ndarray) -> list[dict]:
-    """Each 8-connected component of ``mask``: box ``[x, y, w, h]``, area, mean and max
-    probability (the score the overlay prints)."""
-    import cv2
-
-    m = (mask > 0).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-    out = []
-    for k in range(1, n):
-        x, y, w, h, area = (int(v) for v in stats[k])
-        vals = prob[labels == k]
-        out.append({"box": [x, y, w, h], "area": area, "score": round(float(vals.mean()), 6),
-                    "max_probability": round(float(vals.max()), 6)})  # fmt: skip
-    return out
-
-
 def _png_b64(arr: np.ndarray) -> str:
     import cv2
 
@@ -247,16 +237,6 @@ def _png_b64(arr: np.ndarray) -> str:
     if not ok:  # pragma: no cover - OpenCV encodes any uint8 array
         raise RuntimeError("PNG encoding failed")
     return base64.b64encode(buf.tobytes()).decode("ascii")
-
-
-def _plain(obj):
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    return obj
 
 
 def safe_id(name: str | None, index: int) -> str:
