@@ -125,3 +125,47 @@ def run_cli(script: str, *args: str) -> tuple[int, str]:
             root.removeHandler(h)  # a train.log handler would outlive the test's tmp folder
             h.close()
     return code, buf.getvalue()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(*argv: str):
+    """``src/serve.py *argv`` on a free 127.0.0.1 port: ``(process, url)`` once ``/health``
+    reports a loaded model; fails the test with the server's output otherwise. Stop it with
+    :func:`stop_serve`."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "src" / "serve.py"), *argv, "--port", str(port)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).json()["model_loaded"]:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"the server did not start: {proc.communicate()[0]}")
+
+
+def stop_serve(proc) -> str:
+    """Ctrl-C the server of :func:`start_serve`; its whole output."""
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=60)[0]

@@ -11,10 +11,6 @@ demo model was made for)."""
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,18 +26,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path):
-    import httpx
     from test_serve import _experiment
+
+    from conftest import start_serve, stop_serve
 
     config = os.environ.get("PNEUMOSEG_SERVE_CONFIG")
     if config:
@@ -49,25 +38,9 @@ def server(tmp_path):
     else:
         _, over = _experiment(tmp_path)
         argv = ["--config", str(REPO / "configs" / "demo.yaml"), *over]
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "src" / "serve.py"), *argv, "--port", str(port)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).json()["model_loaded"]:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"the server did not start: {proc.communicate()[0]}")
+    proc, url = start_serve(*argv)
     yield url
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
+    stop_serve(proc)
 
 
 @pytest.fixture

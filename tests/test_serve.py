@@ -246,46 +246,22 @@ def test_logs_carry_no_patient_data_or_file_names(served, dicom_path, caplog):
 
 
 # ------------------------------------------------------------------------------------ the script
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_script_starts_answers_and_stops(tmp_path, png_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
     import httpx
 
+    from conftest import start_serve, stop_serve
+
     _, over = _experiment(tmp_path)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "src" / "serve.py"), "--config", DEMO, "--port", str(port),
-         *over],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    proc, url = start_serve("--config", DEMO, *over)
     try:
-        deadline, health = time.time() + 120, None
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
-                break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        assert health is not None and health["status"] == "ok", proc.stdout
-        r = httpx.post(f"http://127.0.0.1:{port}/api/predict", timeout=60,
+        assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+        r = httpx.post(f"{url}/api/predict", timeout=60,
                        files=[("files", ("a.png", png_path.read_bytes()))])  # fmt: skip
         assert r.status_code == 200 and r.json()["results"][0]["kind"] == "png"
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        out = stop_serve(proc)
     assert proc.returncode == 0, out
-    assert f"serving on http://127.0.0.1:{port}/" in out and "Traceback" not in out
+    assert f"serving on {url}/" in out and "Traceback" not in out
 
 
 def test_serve_script_user_errors(tmp_path):

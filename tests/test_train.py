@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_script, tiny_overrides
+from conftest import REPO, free_port, run_script, tiny_overrides
 
 
 def _train(root, name, *extra, fold="0", resume=False, force=False):
@@ -112,12 +111,6 @@ def test_full_data_run_has_no_validation(tiny_data):
     assert (out / "model.pt").is_file() and not (out / "oof_ids.csv").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes_agree(tiny_data, tmp_path):
     """torchrun with 2 gloo processes trains one step; both ranks end with the same weights."""
     script = tmp_path / "ddp_check.py"
@@ -159,7 +152,7 @@ def test_ddp_two_cpu_processes_agree(tiny_data, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(script),
         *args,
     ]
