@@ -174,7 +174,8 @@ def _augment(a: Mapping, cfg: Mapping) -> Iterator[str]:
 def _train(t: Mapping, cfg: Mapping) -> Iterator[str]:
     for key in ("epochs", "batch_size", "val_batch_size", "accum_steps", "top_k"):
         yield from _num(f"train.{key}", t[key], lo=1)
-    for key in ("early_stop", "num_workers", "max_steps_per_epoch", "plateau_patience"):
+    for key in ("early_stop", "num_workers", "max_steps_per_epoch", "plateau_patience",
+                "max_bad_steps"):
         yield from _num(f"train.{key}", t[key], lo=0)
     for key in ("weight_decay", "warmup_epochs", "min_lr", "clip_grad", "momentum"):
         yield from _num(f"train.{key}", t[key], lo=0)
