@@ -281,6 +281,9 @@ CASES = {
     "synthetic: out not empty": ("make_synthetic", lambda c, t: (c.file("o/x", "1"), ["--out", str(c.tmp / "o"), "--size", "64"])[1], ["not empty", "--force"]),
     "synthetic: size 16": ("make_synthetic", lambda c, t: ["--out", str(c.tmp / "o"), "--size", "16"], ["size", "32"]),
     "synthetic: out is a file": ("make_synthetic", lambda c, t: ["--out", str(c.file("o", "x")), "--size", "64"], ["not a directory"]),
+    # ---- user data is never deleted (demo --fresh, make_synthetic --force)
+    # ---- config values: typed, consistent across families, bounded sizes
+    # ---- runs: divergence, locks, stale tuning, environment faults
 }  # fmt: skip
 
 
