@@ -283,6 +283,19 @@ CASES = {
     "synthetic: out is a file": ("make_synthetic", lambda c, t: ["--out", str(c.file("o", "x")), "--size", "64"], ["not a directory"]),
     # ---- user data is never deleted (demo --fresh, make_synthetic --force)
     # ---- config values: typed, consistent across families, bounded sizes
+    "freeze_bn maybe": (T, lambda c, t: ["--config", DEMO, "model.freeze_bn=maybe"], ["model.freeze_bn", "must be bool or null", "maybe"]),
+    "depth not a number": (T, lambda c, t: ["--config", DEMO, "model.depth=abc"], ["model.depth", "must be int or null"]),
+    "init_from a list": (T, lambda c, t: ["--config", DEMO, "train.init_from=[1]"], ["train.init_from", "must be str or null"]),
+    "lr null": (T, lambda c, t: ["--config", DEMO, "train.lr=null"], ["train.lr", "not null"]),
+    "decoder_channels with maskrcnn": (T, lambda c, t: ["--config", str(REPO / "configs" / "maskrcnn_demo.yaml"), "model.decoder_channels=[8, 8, 8, 8, 8]"], ["model.decoder_channels", "model.arch=maskrcnn", "used by smp"]),
+    "encoder with doubleunet": (T, lambda c, t: ["--config", str(REPO / "configs" / "doubleunet_demo.yaml"), "model.encoder=resnet18"], ["model.encoder=resnet18", "model.arch=doubleunet", "set it to resnet34 or null"]),
+    "min_score with unet": (T, lambda c, t: ["--config", DEMO, "model.min_score=0.3"], ["model.min_score", "model.arch=unet", "used by maskrcnn"]),
+    "smp encoder_weights unknown": (T, lambda c, t: ["--config", DEMO, "model.encoder_weights=coco"], ["model.encoder_weights", "coco", "resnet18", "imagenet, ssl, swsl"]),
+    "oof.size 100000": (T, lambda c, t: ["--config", DEMO, "oof.size=100000"], ["oof.size", "[8, 2048]"]),
+    "oof.size above cache and originals": ("oof_tune", lambda c, t: ["--config", DEMO, "oof.size=512"], ["oof.size", "use <= 256"]),
+    "batch_size 5000": (T, lambda c, t: ["--config", DEMO, "train.batch_size=5000"], ["train.batch_size", "1024"]),
+    "n_folds 50": ("make_folds", lambda c, t: ["--config", DEMO, "folds.n_folds=50"], ["folds.n_folds", "20"]),
+    "predict fp16 on cpu": ("predict", lambda c, t: ["--config", DEMO, "--submission", "train.device=cpu", "predict.amp=fp16"], ["predict.amp", "fp16 needs CUDA"]),
     # ---- runs: divergence, locks, stale tuning, environment faults
 }  # fmt: skip
 

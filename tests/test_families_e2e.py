@@ -17,8 +17,10 @@ DEMO = str(REPO / "configs" / "demo.yaml")
 FAMILIES = {
     "maskrcnn": ["model.arch=maskrcnn", "model.encoder=resnet18", "model.decoder_channels=null",
                  "tune.options={min_score: [0.3, 0.6]}", "train.lr=0.005"],
-    "doubleunet": ["model.arch=doubleunet", "model.depth=2", "model.decoder_channels=null"],
-    "unet_classic": ["model.arch=unet_classic", "model.width=8", "model.decoder_channels=null"],
+    "doubleunet": ["model.arch=doubleunet", "model.depth=2", "model.decoder_channels=null",
+                   "model.encoder=null"],
+    "unet_classic": ["model.arch=unet_classic", "model.width=8", "model.decoder_channels=null",
+                     "model.encoder=null"],
 }  # fmt: skip
 
 

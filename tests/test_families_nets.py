@@ -184,9 +184,12 @@ def test_doubleunet_check():
     mcfg = _cfg(arch="doubleunet", depth=7, aux_head=True, width=16)
     problems = DOUBLEUNET.check(mcfg) + DOUBLEUNET.foreign(mcfg)
     assert len(problems) == 3
-    assert any("model.width is not used by doubleunet (unet_classic only)" in p for p in problems)
+    assert (
+        "model.width=16 is not used by model.arch=doubleunet (used by unet_classic): set it to null"
+        in problems
+    )
     assert any("model.depth" in p for p in problems)
-    assert any("aux_head" in p for p in problems)
+    assert any("model.aux_head=true is not used" in p for p in problems)
     with pytest.raises(ConfigError, match=r"model\.depth"):
         DOUBLEUNET.build(_cfg(arch="doubleunet", depth=0))
 
@@ -226,19 +229,110 @@ def test_unet_classic_check():
         UNET_CLASSIC.build(_cfg(arch="unet_classic", encoder_weights="imagenet"))
 
 
-# (arch, keys set, keys reported as another family's): what schema._model adds to check()
-FOREIGN_CASES = [
-    ("unet", {"depth": 2, "width": 16, "fpn_channels": 64}, ["depth", "width", "fpn_channels"]),
-    ("unet_classic", {"depth": 3, "width": 16, "roi_samples": 64}, ["roi_samples"]),
-    ("doubleunet", {"depth": 2, "freeze_bn": True, "detections_per_img": None}, ["freeze_bn"]),
-    ("maskrcnn", {"fpn_channels": 64, "rpn_proposals": 300, "trainable_layers": 5}, []),
-    ("maskrcnn", {"width": 16}, ["width"]),
-]
+# ----------------------------------------------------------------------------- one rule for keys
+# The model keys each family reads, written out by hand (not taken from Family.uses): every other
+# key set away from its default and off values is a config error, whatever the family.
+# (unet_classic judges encoder_weights(_path) in its own check: they must be null.)
+SMP_KEYS = {"encoder", "encoder_weights", "encoder_weights_path", "in_channels",
+            "decoder_channels", "aux_head", "aux_dropout"}  # fmt: skip
+MASKRCNN_KEYS = {"encoder", "encoder_weights", "encoder_weights_path", "in_channels", "aux_head",
+                 "min_score", "trainable_layers", "freeze_bn", "detections_per_img",
+                 "fpn_channels", "roi_samples", "rpn_proposals"}  # fmt: skip
+READS = {
+    "unet": SMP_KEYS,
+    "fpn": SMP_KEYS,
+    "maskrcnn": MASKRCNN_KEYS,
+    "doubleunet": {"encoder_weights", "encoder_weights_path", "in_channels", "depth"},
+    "unet_classic": {"encoder_weights", "encoder_weights_path", "in_channels", "width", "depth"},
+}
+# a value other than base.yaml's default and other than off (null, false), per key
+SET = {
+    "encoder": "resnet18", "encoder_weights": "coco", "encoder_weights_path": "w.pt",
+    "in_channels": 1, "decoder_channels": [8, 8, 8, 8, 8], "aux_head": True, "aux_dropout": 0.5,
+    "depth": 2, "width": 16, "min_score": 0.3, "trainable_layers": 2, "freeze_bn": True,
+    "detections_per_img": 20, "fpn_channels": 32, "roi_samples": 64, "rpn_proposals": 300,
+}  # fmt: skip
+USERS = {  # who the message names as using the key
+    "decoder_channels": "used by smp (deeplabv3plus, fpn, unet, unetplusplus)",
+    "min_score": "used by maskrcnn",
+    "width": "used by unet_classic",
+    "depth": "used by doubleunet, unet_classic",
+}
 
 
-@pytest.mark.parametrize("arch,keys,expected", FOREIGN_CASES)
-def test_foreign_family_keys(arch, keys, expected):
+def _defaults():
+    from pneumoseg.config import base_defaults
+
+    return base_defaults()["model"]
+
+
+def test_every_model_key_has_a_value_in_the_table():
+    assert set(SET) == set(_defaults()) - {"arch"}
+    for key, value in SET.items():
+        assert value != _defaults()[key] and value not in (None, False), key
+
+
+@pytest.mark.parametrize("arch", list(READS))
+@pytest.mark.parametrize("key", list(SET))
+def test_one_rule_for_every_family_and_key(arch, key):
     from pneumoseg.families import family_for
 
-    problems = family_for(arch).foreign({"arch": arch, **keys})
-    assert sorted(p.split()[0] for p in problems) == sorted(f"model.{k}" for k in expected)
+    mcfg = {**_defaults(), "arch": arch, key: SET[key]}
+    if key == "aux_dropout":
+        mcfg["aux_head"] = True  # the smp family reads the dropout only with the aux head
+    problems = family_for(arch).foreign(mcfg)
+    if key == "aux_dropout":  # the aux head's own problem (for families without one) aside
+        problems = [p for p in problems if not p.startswith("model.aux_head")]
+    if key in READS[arch]:
+        assert problems == []
+    else:
+        assert len(problems) == 1, problems
+        want = f"model.{key}={SET[key]!r} is not used by model.arch={arch} ("
+        assert problems[0].startswith(want.replace("True", "true").replace("'", "")), problems
+        if key in USERS:
+            assert USERS[key] in problems[0]
+
+
+@pytest.mark.parametrize("arch", list(READS))
+def test_defaults_and_off_values_pass_the_rule(arch):
+    from pneumoseg.families import family_for
+
+    fam = family_for(arch)
+    assert fam.foreign({**_defaults(), "arch": arch}) == []
+    off = {k: None for k in SET if k not in READS[arch]} | {"aux_head": False, "freeze_bn": False}
+    assert fam.foreign({**_defaults(), "arch": arch, **off}) == []
+
+
+def test_aux_dropout_needs_the_aux_head():
+    from pneumoseg.families import family_for
+
+    mcfg = {**_defaults(), "arch": "unet", "aux_dropout": 0.5}
+    assert family_for("unet").foreign(mcfg) == [
+        "model.aux_dropout=0.5 is not used by model.arch=unet (only with model.aux_head=true): "
+        "set it to 0.2"
+    ]
+    assert family_for("unet").foreign({**mcfg, "aux_head": True}) == []
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.arch=maskrcnn", "model.decoder_channels=[8, 8, 8, 8, 8]"],
+         "model.decoder_channels=[8, 8, 8, 8, 8] is not used by model.arch=maskrcnn (its FPN width "
+         "is model.fpn_channels; used by smp (deeplabv3plus, fpn, unet, unetplusplus)): set it to "
+         "null"),
+        (["model.arch=doubleunet", "model.encoder=resnet18"],
+         "model.encoder=resnet18 is not used by model.arch=doubleunet (its encoder is VGG19; used "
+         "by smp (deeplabv3plus, fpn, unet, unetplusplus), maskrcnn): set it to resnet34 or null"),
+        (["model.min_score=0.3"],
+         "model.min_score=0.3 is not used by model.arch=unet (used by maskrcnn): set it to 0.05"),
+        (["model.arch=unet_classic", "model.encoder_weights=null", "model.aux_head=true"],
+         "model.aux_head=true is not used by model.arch=unet_classic"),
+    ],
+)  # fmt: skip
+def test_the_rule_applies_when_the_config_loads(overrides, message):
+    from pneumoseg.config import load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)

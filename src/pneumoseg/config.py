@@ -2,9 +2,11 @@
 
 * ``configs/base.yaml`` holds every key with its default: the one place to read what exists.
 * An experiment file (``configs/demo.yaml``) is merged on top. It may only name keys that exist in
-  the base, with values of the same type (an int is accepted where a float is expected; a key
-  whose default is ``null`` takes any type). Unknown keys are errors that list the valid ones,
-  because a typo silently ignored is a wasted GPU-day.
+  the base, with values of the same type (an int is accepted where a float is expected). A key
+  whose default is ``null`` has its type declared in :data:`NULL_DEFAULT_TYPES`; ``null`` itself
+  is accepted only where it means "off / the built-in default": by those keys and by
+  :data:`NULLABLE`. Unknown keys are errors that list the valid ones, because a typo silently
+  ignored is a wasted GPU-day.
 * Dotted overrides from the command line (``train.lr=1e-4``) follow the same rules; values are
   parsed as YAML (``true``, ``[1, 2]``, ``null`` work).
 
@@ -26,7 +28,14 @@ import yaml
 from pneumoseg.errors import ConfigError
 from pneumoseg.io import atomic_write
 
-__all__ = ["ConfigError", "dump_config", "load_config", "log_config", "save_config"]
+__all__ = [
+    "ConfigError",
+    "base_defaults",
+    "dump_config",
+    "load_config",
+    "log_config",
+    "save_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,37 +69,107 @@ def _read_yaml(path: Path, allow_empty: bool = False) -> dict:
     return data
 
 
-def _type_ok(default: Any, value: Any) -> bool:
-    if default is None or value is None:
-        return True  # null default = "any type"; null value = "disable / use built-in"
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_fold(v: Any) -> bool:  # a fold number, or "full" (predict.folds); the range is schema's
+    return _is_int(v) or isinstance(v, str)
+
+
+def _is_folds(v: Any) -> bool:
+    return _is_fold(v) or (isinstance(v, list) and all(map(_is_fold, v)))
+
+
+# (name shown in errors, test) of the value types a null-default key may declare.
+_TYPES: dict[str, tuple[str, Any]] = {
+    "bool": ("bool", lambda v: isinstance(v, bool)),
+    "int": ("int", _is_int),
+    "str": ("str", lambda v: isinstance(v, str)),
+    "mapping": ("a mapping", lambda v: isinstance(v, Mapping)),
+    "int list": ("a list of ints", lambda v: isinstance(v, list) and all(map(_is_int, v))),
+    "folds": ("a fold number or a list of them", _is_folds),
+}
+
+# The type of every key whose default in base.yaml is null (null stays valid there: it means off
+# or the built-in default). A test checks that every null default of base.yaml is listed.
+NULL_DEFAULT_TYPES: dict[str, str] = {
+    "data.test_rle_csv": "str",
+    "data.patient_map": "str",
+    "folds.import_from": "str",
+    "model.encoder_weights_path": "str",
+    "model.decoder_channels": "int list",
+    "model.depth": "int",
+    "model.width": "int",
+    "model.trainable_layers": "int",
+    "model.freeze_bn": "bool",
+    "model.detections_per_img": "int",
+    "model.fpn_channels": "int",
+    "model.roi_samples": "int",
+    "model.rpn_proposals": "int",
+    "augment_neg": "mapping",
+    "train.stop_after_epoch": "int",
+    "train.init_from": "str",
+    "tune.folds": "folds",
+    "tune.options": "mapping",
+    "predict.folds": "folds",
+    "serve.concurrency": "int",
+    "serve.queue": "int",
+}
+
+# Keys with a non-null default that also take null, and what null means there.
+NULLABLE: dict[str, str] = {
+    "data.original_size": "image sizes are not checked",
+    "data.sample_submission": "one row per test image",
+    "model.encoder": "none: the family has its own (doubleunet, unet_classic)",
+    "model.encoder_weights": "from scratch",
+    "predict.tta": "no test-time augmentation",
+}
+
+
+def _type_error(dotted: str, default: Any, value: Any) -> str | None:
+    """Why ``value`` cannot replace ``default`` at key ``dotted`` (None: it can)."""
+    if value is None:
+        if default is None or dotted in NULLABLE:
+            return None
+        return f"must be {type(default).__name__} (default {default!r}), not null"
+    got = f"got {type(value).__name__} {value!r}"
+    if default is None:
+        declared = NULL_DEFAULT_TYPES.get(dotted)
+        if declared is None:
+            return None  # a base file other than the project's: any type
+        name, ok = _TYPES[declared]
+        return None if ok(value) else f"must be {name} or null, {got}"
     if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float) and isinstance(value, int):
-        return True
-    if isinstance(default, (list, tuple)):
-        return isinstance(value, (list, tuple))
-    return isinstance(value, type(default))
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, float) and isinstance(value, int):
+        ok = True
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+    else:
+        ok = isinstance(value, type(default))
+    return None if ok else f"must be {type(default).__name__} (default {default!r}), {got}"
 
 
-def _merge(base: dict, update: Mapping, where: str, source: str) -> None:
+def _merge(base: dict, update: Mapping, where: str, source: str, defaults: Mapping) -> None:
+    """Merge ``update`` into ``base`` (the config so far); types come from ``defaults`` (the base
+    file as read): a key whose default is null stays nullable after an experiment sets it."""
     for key, value in update.items():
         dotted = f"{where}{key}"
         if key not in base:
             valid = ", ".join(sorted(map(str, base)))
             raise ConfigError(f"{source}: unknown key '{dotted}'. Valid keys here: {valid}")
-        default = base[key]
+        default = defaults[key]
         if isinstance(default, dict):
             if not isinstance(value, Mapping):
                 raise ConfigError(
                     f"{source}: '{dotted}' is a section; expected a mapping, got {value!r}"
                 )
-            _merge(default, value, f"{dotted}.", source)
+            _merge(base[key], value, f"{dotted}.", source, default)
             continue
-        if not _type_ok(default, value):
-            raise ConfigError(
-                f"{source}: '{dotted}' must be {type(default).__name__} "
-                f"(default {default!r}), got {type(value).__name__} {value!r}"
-            )
+        problem = _type_error(dotted, default, value)
+        if problem:
+            raise ConfigError(f"{source}: '{dotted}' {problem}")
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         base[key] = value
@@ -136,18 +215,24 @@ def load_config(
     """
     base_path = Path(base) if base else BASE_CONFIG
     cfg = _read_yaml(base_path)
+    defaults = copy.deepcopy(cfg)
     if path is not None:
         path = Path(path)
         exp = _read_yaml(path)
-        _merge(cfg, exp, "", str(path))
+        _merge(cfg, exp, "", str(path), defaults)
         if "exp" in cfg and "exp" not in exp:
             cfg["exp"] = path.stem  # runs/<exp>/ defaults to the experiment file's name
-    _merge(cfg, parse_overrides(overrides), "", "command line")
+    _merge(cfg, parse_overrides(overrides), "", "command line", defaults)
     if validate if validate is not None else base is None:
         from pneumoseg.schema import validate_config
 
         validate_config(cfg)
     return cfg
+
+
+def base_defaults() -> dict:
+    """configs/base.yaml as a dict: every key with its default (a fresh copy on each call)."""
+    return _read_yaml(BASE_CONFIG)
 
 
 def dump_config(cfg: Mapping) -> str:

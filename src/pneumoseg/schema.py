@@ -24,6 +24,13 @@ SCHEDULERS = ("cosine", "poly", "plateau", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 LAYOUTS = ("siim", "png")
 RLE_FORMATS = ("relative", "absolute")
+# Size bounds (pixels, images), checked at load so that a typo fails in a second, not after a fold
+# of training when the allocation fails (oof.size=100000 asked for 480 GB). Each leaves every
+# recipe in configs/ valid with room to spare.
+MAX_SIDE = 2048  # cache.size, oof.size: twice SIIM's 1024² originals
+MAX_ORIGINAL = 8192  # data.original_size: larger than any digital radiograph
+MAX_BATCH = 1024  # train.batch_size, train.val_batch_size, predict.batch_size
+MAX_FOLDS = 20
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _EXP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -89,21 +96,21 @@ def _data(d: Mapping, cfg: Mapping) -> Iterator[str]:
     yield from _choice("data.layout", d["layout"], LAYOUTS)
     yield from _choice("data.rle_format", d["rle_format"], RLE_FORMATS)
     yield from _text("data.root", d["root"])
-    if d["original_size"] is not None:
-        yield from _num("data.original_size", d["original_size"], lo=1)
+    yield from _num("data.original_size", d["original_size"], lo=16, hi=MAX_ORIGINAL)
 
 
 def _cache(c: Mapping, cfg: Mapping) -> Iterator[str]:
     yield from _text("cache.dir", c["dir"])
     size = c["size"]
-    if size < 32 or size % 32:
-        yield f"cache.size: {size} must be a multiple of 32 (the encoders downsample 32×), >= 32"
+    if size < 32 or size % 32 or size > MAX_SIDE:
+        yield (f"cache.size: {size} must be a multiple of 32 (the encoders downsample 32×) "
+               f"in [32, {MAX_SIDE}]")  # fmt: skip
     if c["n_jobs"] == 0 or c["n_jobs"] < -1:
         yield f"cache.n_jobs: {c['n_jobs']} must be -1 (all cores) or >= 1"
 
 
 def _folds(f: Mapping, cfg: Mapping) -> Iterator[str]:
-    yield from _num("folds.n_folds", f["n_folds"], lo=2)
+    yield from _num("folds.n_folds", f["n_folds"], lo=2, hi=MAX_FOLDS)
     yield from _text("folds.file", f["file"])
     bins = f["area_bins"]
     yield from _nums("folds.area_bins", bins, lo=0)
@@ -172,10 +179,17 @@ def _augment(a: Mapping, cfg: Mapping) -> Iterator[str]:
 
 
 def _train(t: Mapping, cfg: Mapping) -> Iterator[str]:
-    for key in ("epochs", "batch_size", "val_batch_size", "accum_steps", "top_k"):
+    for key in ("epochs", "accum_steps", "top_k"):
         yield from _num(f"train.{key}", t[key], lo=1)
-    for key in ("early_stop", "num_workers", "max_steps_per_epoch", "plateau_patience",
-                "max_bad_steps"):
+    for key in ("batch_size", "val_batch_size"):
+        yield from _num(f"train.{key}", t[key], lo=1, hi=MAX_BATCH)
+    for key in (
+        "early_stop",
+        "num_workers",
+        "max_steps_per_epoch",
+        "plateau_patience",
+        "max_bad_steps",
+    ):
         yield from _num(f"train.{key}", t[key], lo=0)
     for key in ("weight_decay", "warmup_epochs", "min_lr", "clip_grad", "momentum"):
         yield from _num(f"train.{key}", t[key], lo=0)
@@ -224,8 +238,31 @@ def _device(name: Any) -> Iterator[str]:
             yield "train.device: mps asked for, but this machine has no MPS (Apple GPU) backend"
 
 
+def _device_kind(name: Any) -> str:
+    """cpu, cuda or mps: what ``train.device`` resolves to on this machine."""
+    if name != "auto":
+        return str(name).split(":")[0]
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
 def _oof(o: Mapping, cfg: Mapping) -> Iterator[str]:
-    yield from _num("oof.size", o["size"], lo=8)
+    """An OOF map is the model's cache.size output resized to oof.size and stored as uint8 for
+    every validation image: above both cache.size and the originals' size it only interpolates,
+    at oof.size² bytes per image."""
+    size = o["size"]
+    bad = list(_num("oof.size", size, lo=8, hi=MAX_SIDE))
+    yield from bad
+    original = cfg["data"]["original_size"] or 1024  # null (sizes not checked): SIIM's
+    useful = max(cfg["cache"]["size"], original)
+    if not bad and size > useful:
+        yield (f"oof.size: {size} is above both cache.size ({cfg['cache']['size']}) and the "
+               f"originals' side ({original}): a larger map only interpolates, at oof.size² bytes "
+               f"per validation image; use <= {useful}")  # fmt: skip
 
 
 def _tune(t: Mapping, cfg: Mapping) -> Iterator[str]:
@@ -287,8 +324,11 @@ def _predict(p: Mapping, cfg: Mapping) -> Iterator[str]:
         parse_tta(p["tta"])
     except ValueError as e:
         yield str(e)
-    yield from _num("predict.batch_size", p["batch_size"], lo=1)
+    yield from _num("predict.batch_size", p["batch_size"], lo=1, hi=MAX_BATCH)
     yield from _choice("predict.amp", p["amp"], AMP_MODES)
+    if p["amp"] == "fp16" and _device_kind(cfg["train"]["device"]) == "cpu":
+        yield (f"predict.amp: fp16 needs CUDA, and predictions run on the CPU here "
+               f"(train.device={cfg['train']['device']}); use bf16 or none")  # fmt: skip
     yield from _choice("predict.rle", p["rle"], RLE_FORMATS)
     yield from _text("predict.out_dir", p["out_dir"])
 

@@ -17,9 +17,10 @@ float, normalised; ``mask`` (B, 1, H, W) float 0/1 (the union of the instances);
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
+import yaml
 from torch import nn
 
 from pneumoseg.errors import ConfigError, UnknownNameError
@@ -41,42 +42,60 @@ class Family:
     needs_instances = False  # batches must carry per-instance masks
     tunable: tuple[str, ...] = ()  # inference-time model options that oof_tune.py may search
     has_eval_loss = True  # eval_loss gives a validation loss (train.select: val_loss needs one)
-    own_keys: tuple[str, ...] = ()  # model keys only this family reads (others flag them)
+    # The ``model`` keys this family builds from (``arch`` aside). One rule for every family
+    # (:meth:`foreign`): any other key set away from its base.yaml default is a config error, so a
+    # setting that would silently change nothing never reaches a GPU.
+    uses: tuple[str, ...] = ()
+    # Keys this family does not build from but judges in its own :meth:`check` (e.g. rejects with
+    # a specific message): :meth:`foreign` leaves them to it.
+    checked: tuple[str, ...] = ()
+    # Why a key is not used, appended to the :meth:`foreign` message.
+    hints: ClassVar[dict[str, str]] = {}
 
     def build(self, mcfg: Mapping[str, Any]) -> nn.Module:
         raise NotImplementedError
 
-    uses_encoder = True  # model.encoder names part of the model (logged, validated)
+    def used_keys(self, mcfg: Mapping[str, Any]) -> set[str]:
+        """The keys of :attr:`uses` that matter for this ``model`` section (a family may use a
+        key only together with another, e.g. ``aux_dropout`` with ``aux_head``)."""
+        return set(self.uses)
 
     def describe(self, mcfg: Mapping[str, Any]) -> str:
         """A short name of the configured model for logs."""
         arch = mcfg["arch"]
-        return f"{arch}/{mcfg['encoder']}" if self.uses_encoder else str(arch)
+        return f"{arch}/{mcfg['encoder']}" if "encoder" in self.uses else str(arch)
 
     def check(self, mcfg: Mapping[str, Any]) -> list[str]:
         """Problems of the ``model`` section for this family (checked when the config loads)."""
         return []
 
-    def unused(self, mcfg: Mapping[str, Any], **why: str) -> list[str]:
-        """Problems for keys set in ``mcfg`` that this family does not use: ``key="reason"``
-        (may be empty); the advice is to set them back to their off value."""
-        off = {"aux_head": "false"}
-        return [
-            f"model.{key} is not used by {self.name}{f' ({reason})' if reason else ''}; "
-            f"set it to {off.get(key, 'null')}"
-            for key, reason in why.items()
-            if not (mcfg.get(key) is None or mcfg.get(key) is False or mcfg.get(key) == [])
-        ]
+    def foreign(
+        self, mcfg: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+    ) -> list[str]:
+        """Problems for the keys of ``mcfg`` this family does not use that are set to anything but
+        their default (``defaults``: base.yaml's ``model`` section) or off (null, false); each
+        message names the key, this family and the families that do use the key."""
+        from pneumoseg.config import NULLABLE, base_defaults
 
-    def foreign(self, mcfg: Mapping[str, Any]) -> list[str]:
-        """Problems for keys of other families (their :attr:`own_keys`) set in ``mcfg``."""
-        _load()
-        owners: dict[str, list[str]] = {}
-        for fam in {id(f): f for f in ARCH_FAMILIES.values()}.values():
-            for key in fam.own_keys:
-                if key not in self.own_keys:
-                    owners.setdefault(key, []).append(fam.name)
-        return self.unused(mcfg, **{k: f"{' and '.join(v)} only" for k, v in owners.items()})
+        if defaults is None:
+            defaults = base_defaults()["model"]
+        used = self.used_keys(mcfg)
+        problems = []
+        for key, default in defaults.items():
+            if key == "arch" or key in used or key in self.checked or key not in mcfg:
+                continue
+            value = mcfg[key]
+            if value is None or value is False or value == default:
+                continue
+            users = [label(f) for f in families() if f is not self and key in f.uses]
+            why = [self.hints.get(key, ""), f"used by {', '.join(users)}" if users else ""]
+            off = " or null" if f"model.{key}" in NULLABLE else ""
+            problems.append(
+                f"model.{key}={_yaml(value)} is not used by model.arch="
+                f"{mcfg.get('arch', self.name)} ({'; '.join(filter(None, why))}): set it to "
+                f"{_yaml(default)}{off}"
+            )
+        return problems
 
     def require_valid(self, mcfg: Mapping[str, Any]) -> None:
         """Raise one :class:`ConfigError` with every :meth:`check` problem (builds call it)."""
@@ -107,6 +126,11 @@ class Family:
         return loss_fn(logits[:n].float(), batch["mask"], None if cls is None else cls[:n].float())[
             0
         ]
+
+
+def _yaml(value: Any) -> str:
+    """``value`` as it is written in a config or an override (null, true, [8, 8], resnet34)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).split("\n...")[0].strip()
 
 
 def split_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -141,6 +165,19 @@ def _load() -> None:
     for name in FAMILY_MODULES:
         importlib.import_module(f"pneumoseg.families.{name}")
     _loaded = True
+
+
+def families() -> list[Family]:
+    """Every registered family, once each, in registration order."""
+    _load()
+    return list({id(f): f for f in ARCH_FAMILIES.values()}.values())
+
+
+def label(family: Family) -> str:
+    """``maskrcnn``, or ``smp (deeplabv3plus, fpn, unet, unetplusplus)`` for a family of several
+    architectures."""
+    names = sorted(a for a, f in ARCH_FAMILIES.items() if f is family)
+    return family.name if names == [family.name] else f"{family.name} ({', '.join(names)})"
 
 
 def archs() -> list[str]:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -293,8 +293,11 @@ def _two_losses(out1, out2, mask, loss_fn) -> tuple[torch.Tensor, dict]:
 
 class DoubleUNetFamily(Family):
     name = "doubleunet"
-    own_keys = ("depth",)
-    uses_encoder = False  # VGG19 / its own encoder: model.encoder is ignored
+    uses = ("in_channels", "encoder_weights", "encoder_weights_path", "depth")
+    hints: ClassVar[dict[str, str]] = {
+        "encoder": "its encoder is VGG19",
+        "decoder_channels": "its decoders follow the paper",
+    }
 
     def check(self, mcfg: Mapping[str, Any]) -> list[str]:
         problems = []
@@ -313,9 +316,7 @@ class DoubleUNetFamily(Family):
             problems.append(
                 f"model.encoder_weights must be imagenet or null for doubleunet, got {weights!r}"
             )
-        return problems + self.unused(
-            mcfg, aux_head="", decoder_channels="its decoders follow the paper"
-        )
+        return problems
 
     def build(self, mcfg: Mapping[str, Any]) -> nn.Module:
         self.require_valid(mcfg)

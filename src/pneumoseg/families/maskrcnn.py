@@ -53,7 +53,7 @@ import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torchvision
@@ -319,10 +319,13 @@ class MaskRCNNFamily(Family):
     needs_instances = True
     tunable = ("min_score",)
     has_eval_loss = False  # torchvision computes its losses only in train mode
-    own_keys = (
+    uses = (
+        "encoder", "encoder_weights", "encoder_weights_path", "in_channels", "min_score",
         "trainable_layers", "freeze_bn", "detections_per_img",
         "fpn_channels", "roi_samples", "rpn_proposals",
     )  # fmt: skip
+    checked = ("aux_head",)  # rejected with its own message
+    hints: ClassVar[dict[str, str]] = {"decoder_channels": "its FPN width is model.fpn_channels"}
 
     # ---- config
     def check(self, mcfg: Mapping[str, Any]) -> list[str]:

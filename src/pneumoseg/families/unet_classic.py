@@ -19,7 +19,7 @@ Parameters (3 input channels, width 64): backbone 28,949,568 (MMSeg's UNet s5-d1
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -96,8 +96,12 @@ def _int_or_none(value) -> bool:
 
 class UNetClassicFamily(Family):
     name = "unet_classic"
-    own_keys = ("width", "depth")
-    uses_encoder = False  # its own encoder: model.encoder is ignored
+    uses = ("in_channels", "width", "depth")
+    checked = ("encoder_weights", "encoder_weights_path")  # must be null: no pretrained encoder
+    hints: ClassVar[dict[str, str]] = {
+        "encoder": "its encoder is its own, sized by model.width",
+        "decoder_channels": "use model.width",
+    }
 
     def check(self, mcfg: Mapping[str, Any]) -> list[str]:
         problems = []
@@ -113,7 +117,7 @@ class UNetClassicFamily(Family):
                 "unet_classic has no pretrained encoder: set model.encoder_weights=null "
                 "(and model.encoder_weights_path=null)"
             )
-        return problems + self.unused(mcfg, aux_head="", decoder_channels="use model.width")
+        return problems
 
     def build(self, mcfg: Mapping[str, Any]) -> nn.Module:
         self.require_valid(mcfg)
