@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from pneumoseg.cli import config_from_args, make_parser, run, setup_logging
+from pneumoseg.predictor import TUNING_FILES
 
 log = logging.getLogger("oof_tune")
 
@@ -154,28 +155,72 @@ def _params(row) -> dict:
     return row_params(row.to_dict())
 
 
+def write_outputs(exp_dir: Path, params: dict, table, results, best, force: bool,
+                  title: str) -> Path:  # fmt: skip
+    """Write the tuning's files as one set (:func:`pneumoseg.io.replace_together`): a kill at
+    any moment leaves the old set or the new one. A different postprocess.yaml is replaced only
+    with ``force``."""
+    from pneumoseg.errors import OutputExistsError
+    from pneumoseg.io import replace_together
+    from pneumoseg.postprocess import ParamsError, load_params, params_yaml
+
+    out = exp_dir / "postprocess.yaml"
+    if out.is_file():
+        try:
+            same = load_params(out) == params
+        except ParamsError:
+            same = False
+        if same:
+            log.info("%s is already up to date", out)
+        elif not force:
+            raise OutputExistsError(
+                f"{out} exists and differs from this tuning ({describe(params)}): pass --force "
+                "to overwrite it"
+            )
+        else:
+            log.warning("overwriting %s (--force)", out)
+    text = params_yaml(params)
+    writers = {
+        "oof_report.csv": lambda p: table.to_csv(p, index=False, float_format="%.6f"),
+        "oof_grid.csv": lambda p: results.to_csv(p, index=False, float_format="%.6f"),
+        "oof_grid.png": lambda p: plot_grid(results, best, p, title),
+        "postprocess.yaml": lambda p: p.write_text(text, encoding="utf-8"),
+    }
+    replace_together(exp_dir, "tuning", writers)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    from pneumoseg.errors import DataError, OutputExistsError
+    from pneumoseg.locks import exclusive, lock_file_for
+
+    cfg = config_from_args(args)
+    exp_dir = Path(cfg["train"]["out_dir"]) / cfg["exp"]
+    with exclusive(lock_file_for(exp_dir / "postprocess.yaml"), f"the tuning of {exp_dir}"):
+        return run_tuning(cfg, args)
+
+
+def run_tuning(cfg: dict, args: argparse.Namespace) -> int:
+    from pneumoseg.errors import DataError
     from pneumoseg.inference import experiment_list
-    from pneumoseg.io import atomic_write
+    from pneumoseg.io import recover_together, require_file_targets
     from pneumoseg.postprocess import (
-        ParamsError,
         area_scale_for,
         best_rows,
-        load_params,
-        params_yaml,
         pick_best,
         row_params,
         search,
         validate_params,
     )
+    from pneumoseg.provenance import tuning_source
 
-    cfg = config_from_args(args)
     tune = cfg["tune"]
     out_root = Path(cfg["train"]["out_dir"])
     exp_dir = out_root / cfg["exp"]
+    # a tuning killed half way is finished (committed) or dropped (not committed) first
+    recover_together(exp_dir, "tuning", TUNING_FILES)
+    require_file_targets(exp_dir, TUNING_FILES)
     members = experiment_list(cfg)
     blend = [(e, w) for e, w in members] != [(cfg["exp"], 1.0)]
     variants = option_variants(cfg) if not blend else [({}, "")]
@@ -253,40 +298,18 @@ def main(argv: list[str] | None = None) -> int:
             "exp": cfg["exp"],
             **({"experiments": [[e, w] for e, w in members]} if blend else {}),
             **({"model_options": options} if options else {}),
+            "source": tuning_source(cfg, members, folds),
         }
     )
-    out = exp_dir / "postprocess.yaml"
-    write_yaml = True
-    if out.exists():
-        try:
-            same = load_params(out) == params
-        except ParamsError:
-            same = False
-        if same:
-            log.info("%s is already up to date", out)
-            write_yaml = False
-        elif not args.force:
-            raise OutputExistsError(
-                f"{out} exists and differs from this tuning ({describe(params)}): pass --force "
-                "to overwrite it"
-            )
-        else:
-            log.warning("overwriting %s (--force)", out)
-
-    with atomic_write(exp_dir / "oof_report.csv", "w") as fh:
-        table.to_csv(fh, index=False, float_format="%.6f")
-    with atomic_write(exp_dir / "oof_grid.csv", "w") as fh:
-        results.to_csv(fh, index=False, float_format="%.6f")
-    plot_grid(
+    out = write_outputs(
+        exp_dir,
+        params,
+        table,
         results,
         best,
-        exp_dir / "oof_grid.png",
-        f"{cfg['exp']}: OOF mean Dice, {n_images} images in folds {folds}",
+        force=args.force,
+        title=f"{cfg['exp']}: OOF mean Dice, {n_images} images in folds {folds}",
     )
-    if write_yaml:
-        with atomic_write(out, "w", encoding="utf-8") as fh:
-            fh.write(params_yaml(params))
-
     summary = table[table["fold"].isin(["mean", "std"])].pivot_table(
         index=["setting", "params"], columns="fold", values=["dice", "pos_dice", "empty_acc",
                                                              "mIoU", "mDice"], sort=False

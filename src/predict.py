@@ -28,6 +28,7 @@ ones listed); 2 a user error (config, data, models, submission), with a message 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections import deque
@@ -44,6 +45,7 @@ from pneumoseg.errors import (
     SubmissionError,
     UserError,
 )
+from pneumoseg.locks import exclusive, lock_file_for
 from pneumoseg.predictor import Predictor
 
 log = logging.getLogger("pneumoseg.predict")
@@ -101,6 +103,10 @@ def find_sample(cfg: dict, given: Path | None) -> Path | None:
 # ==================================================================================================
 # --submission
 # ==================================================================================================
+def submission_path(cfg: dict) -> Path:
+    return Path(str(cfg["predict"]["out_dir"])) / f"{cfg['exp']}.csv"
+
+
 def run_submission(cfg: dict, args) -> Path:
     import numpy as np
     from tqdm.auto import tqdm
@@ -108,7 +114,7 @@ def run_submission(cfg: dict, args) -> Path:
     from pneumoseg.cache import FAILED, build_cache
     from pneumoseg.submission import publish_submission, read_sample_ids, score_submission
 
-    out = Path(str(cfg["predict"]["out_dir"])) / f"{cfg['exp']}.csv"
+    out = submission_path(cfg)
     if out.exists() and not args.force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it (after validation)")
     relative = (args.rle or cfg["predict"]["rle"]) == "relative"
@@ -257,10 +263,15 @@ def main(argv=None) -> int:
 
     cfg = config_from_args(args)
     log_config(cfg)
-    if args.submission:
-        run_submission(cfg, args)
-    else:
-        run_images(cfg, args)
+    # one writer per output: a second predict.py on the same submission (or overlay folder) is
+    # refused while the first runs
+    out = submission_path(cfg) if args.submission else args.overlay
+    what = f"submission {out}" if args.submission else f"overlay folder {out}"
+    with exclusive(lock_file_for(out), what) if out is not None else contextlib.nullcontext():
+        if args.submission:
+            run_submission(cfg, args)
+        else:
+            run_images(cfg, args)
     return 0
 
 

@@ -4,7 +4,8 @@ config loading.
 Every script ends with ``sys.exit(run(main))``. :func:`run` is the one boundary between the
 library and the user: a :class:`~pneumoseg.errors.UserError` becomes one logged message and exit
 code 2 (``PartialFailure``: 1); an environment problem the user can fix (disk full, permission
-denied, read-only file system) is reported the same way; Ctrl-C exits 130 with one line. Anything
+denied, read-only file system, a folder where a file goes, out of memory on the CPU or the GPU) is
+reported the same way, naming the path; Ctrl-C exits 130 with one line. Anything
 else is a bug and keeps its traceback. ``--debug`` (any script) or ``PNEUMOSEG_DEBUG=1`` shows the
 traceback of user errors too.
 """
@@ -33,7 +34,15 @@ _ENV_ERRNOS = {
     errno.EPERM: "operation not permitted",
     errno.EROFS: "the file system is read-only",
     errno.ENAMETOOLONG: "the file name is too long",
+    errno.EISDIR: "a folder is where a file is expected",
+    errno.ENOTDIR: "a file is where a folder is expected",
+    errno.EFBIG: "the file is too large for this file system",
+    errno.ENOMEM: "out of memory",
 }
+_MEMORY_ADVICE = (
+    "Lower train.batch_size (train.accum_steps keeps the effective batch), predict.batch_size, "
+    "cache.size or oof.size, or close other programs; finished work is kept"
+)
 
 
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
@@ -57,10 +66,34 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         log.error("%s%s (%s). Free space or fix the permissions, then run again: finished "
                   "work is kept.", _ENV_ERRNOS[e.errno], where, e.strerror)  # fmt: skip
         return 2
+    except MemoryError as e:  # numpy's "Unable to allocate ..." included
+        if debug:
+            raise
+        _ensure_logging()
+        log.error("out of memory (%s). %s", str(e) or "MemoryError", _MEMORY_ADVICE)
+        return 2
+    except RuntimeError as e:
+        if debug or not _is_torch_oom(e):
+            raise
+        _ensure_logging()
+        where = "the GPU" if "cuda" in str(e).lower() or "gpu" in str(e).lower() else "torch"
+        log.error("%s ran out of memory. %s", where, _MEMORY_ADVICE)
+        return 2
     except KeyboardInterrupt:
         _ensure_logging()
         log.error("interrupted: finished work is kept; run the same command again to go on")
         return 130
+
+
+def _is_torch_oom(e: RuntimeError) -> bool:
+    """torch's out-of-memory errors (``torch.OutOfMemoryError`` on CUDA/MPS, the CPU allocator's
+    RuntimeError), without importing torch where it was never used."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    text = str(e).lower()
+    return (oom is not None and isinstance(e, oom)) or any(
+        t in text for t in ("out of memory", "can't allocate memory")
+    )
 
 
 def _ensure_logging() -> None:

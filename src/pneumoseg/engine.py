@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from pneumoseg.errors import ModelFileError, UnknownNameError
+from pneumoseg.errors import ModelFileError, TrainingDivergedError, UnknownNameError
 from pneumoseg.io import atomic_save
 from pneumoseg.metrics import GATE_THRESHOLDS, dice_from_areas, gated_dice
 
@@ -264,6 +264,7 @@ def train_one_epoch(
     bar = tqdm(
         loader, total=n_batches, desc=f"train {epoch}", leave=False, disable=not show_progress
     )
+    guard = StepGuard(int(cfg.get("max_bad_steps") or 0), epoch, optimizer)
     for i, batch in enumerate(bar):
         if i >= n_batches:
             break
@@ -272,11 +273,17 @@ def train_one_epoch(
             loss, parts = family.train_loss(model, batch, loss_fn)
         scaler.scale(loss / accum).backward()
         last_of_group = (i + 1) % accum == 0 or i + 1 == n_batches
+        value = float(loss.detach())
         if last_of_group:
-            if cfg["clip_grad"]:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
-            scaler.step(optimizer)
+            scaler.unscale_(optimizer)  # the true gradient: its norm decides whether to step
+            params = [p for p in model.parameters() if p.grad is not None]
+            clip = float(cfg["clip_grad"] or 0)
+            norm = (nn.utils.clip_grad_norm_(params, clip) if clip
+                    else nn.utils.get_total_norm([p.grad for p in params]))  # fmt: skip
+            # A non-finite gradient (NaN/inf loss, overflow) would poison the weights: the step is
+            # skipped; under DDP the gradients are already all-reduced, so every rank agrees.
+            if guard.ok(math.isfinite(float(norm)) and math.isfinite(value), value, i):
+                scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None and not isinstance(
@@ -284,11 +291,56 @@ def train_one_epoch(
             ):
                 scheduler.step()
         n = batch["image"].shape[0]
-        seen += n
-        for k, v in {"loss": float(loss.detach()), **parts}.items():
-            sums[k] = sums.get(k, 0.0) + v * n
-        bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
-    return {k: v / max(seen, 1) for k, v in sums.items()}
+        if math.isfinite(value):
+            seen += n
+            for k, v in {"loss": value, **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v * n
+        bar.set_postfix(loss=f"{sums.get('loss', math.nan) / max(seen, 1):.4f}")
+    guard.finish()
+    stats = {k: v / max(seen, 1) for k, v in sums.items()} if seen else {"loss": math.nan}
+    stats["bad_steps"] = guard.skipped
+    return stats
+
+
+class StepGuard:
+    """Counts optimiser steps with a non-finite loss or gradient: each is skipped (the weights
+    stay as they were); more than ``limit`` in a row stop the run with
+    :class:`~pneumoseg.errors.TrainingDivergedError`."""
+
+    def __init__(self, limit: int, epoch: int, optimizer):
+        self.limit, self.epoch, self.optimizer = limit, epoch, optimizer
+        self.in_a_row = self.skipped = self.good = 0
+        self.last_loss = math.nan
+
+    def ok(self, finite: bool, loss: float, batch: int) -> bool:
+        if finite:
+            self.in_a_row = 0
+            self.good += 1
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        self.last_loss = loss
+        if self.in_a_row > self.limit:
+            self.fail(f"batch {batch}: {self.in_a_row} optimiser step(s) in a row")
+        log.warning("epoch %d batch %d: non-finite loss or gradient (loss %g): step skipped "
+                    "(%d in a row)", self.epoch, batch, loss, self.in_a_row)  # fmt: skip
+        return False
+
+    def finish(self) -> None:
+        """End of the epoch: one in which every step was skipped learned nothing, and stops."""
+        if self.skipped and not self.good:
+            self.fail(f"all {self.skipped} optimiser step(s) of the epoch")
+
+    def fail(self, which: str) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        raise TrainingDivergedError(
+            f"training diverged in epoch {self.epoch} ({which} had a non-finite loss or "
+            f"gradient; loss {self.last_loss:g}, lr {lr:g}). Nothing of this epoch was saved: the "
+            "run folder keeps the last good epoch's checkpoints and last.pt. Lower train.lr, keep "
+            "train.clip_grad > 0 or use train.amp=none, then start over with --force; "
+            f"train.max_bad_steps (now {self.limit}) is how many such steps are skipped before "
+            "stopping"
+        )
 
 
 @torch.no_grad()
@@ -402,8 +454,7 @@ class Checkpoints:
     best: list[tuple[float, int, str]] = field(default_factory=list)  # (score, epoch, file)
 
     def __post_init__(self):
-        self.folder = Path(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(self.folder)  # made by the first save: a failed start leaves nothing
 
     def update(self, score: float, epoch: int, state_dict: Mapping, extra: Mapping) -> bool:
         """Save this epoch's weights if they rank in the top k; return True if saved."""
@@ -413,6 +464,7 @@ class Checkpoints:
         if (score, epoch, "") not in ranked[: self.k]:
             return False
         name = f"epoch{epoch:03d}.pt"
+        require_finite(state_dict, f"epoch {epoch}'s weights")
         save_torch(
             {"state_dict": dict(state_dict), **extra, "epoch": epoch, "score": score},
             self.folder / name,
@@ -434,8 +486,63 @@ class Checkpoints:
         return [self.folder / f for _, _, f in self.best]
 
 
+class _WriteErrors:
+    """A file object that remembers the OSError its ``write`` raised: ``torch.save`` wraps it into
+    a RuntimeError ("unexpected pos", "file write failed") that no longer says "disk full"."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save_torch(obj, path: Path) -> Path:
-    return atomic_save(path, lambda fh: torch.save(obj, fh))
+    """``torch.save`` to a temp file renamed over ``path``; a disk that fills up (or any other
+    write error) is raised as the OSError it is, naming ``path``."""
+
+    def write(fh) -> None:
+        rec = _WriteErrors(fh)
+        try:
+            torch.save(obj, rec)
+        except RuntimeError:
+            if rec.error is None:
+                raise
+            e = rec.error
+            raise OSError(e.errno, e.strerror, str(path)) from None
+
+    return atomic_save(path, write)
+
+
+def nonfinite(state: Mapping) -> tuple[int, str | None]:
+    """(number of NaN/inf values in the floating-point tensors of ``state``, the first such key)."""
+    count, first = 0, None
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            bad = int((~torch.isfinite(v)).sum())
+            if bad:
+                count += bad
+                first = first or k
+    return count, first
+
+
+def require_finite(state: Mapping, what: str) -> None:
+    """Raise :class:`TrainingDivergedError` if ``state`` (weights being saved or averaged) holds
+    a non-finite value: a diverged model is never written."""
+    count, key = nonfinite(state)
+    if count:
+        raise TrainingDivergedError(
+            f"training diverged: {what} hold {count:,} non-finite value(s) (e.g. {key}), so they "
+            "are not saved. Lower train.lr, keep train.clip_grad > 0 or use train.amp=none, then "
+            "start over with --force"
+        )
 
 
 def load_torch(path: str | Path, map_location="cpu", what: str = "checkpoint"):
@@ -508,6 +615,12 @@ def load_weights(model: nn.Module, state: Mapping, path: str | Path, what: str =
             "with other model.* settings (arch, encoder, in_channels, decoder_channels, "
             "aux_head): use the same ones, or another file"
         )
+    count, key = nonfinite(state)
+    if count:
+        raise ModelFileError(
+            f"{what} {path} hold {count:,} non-finite weight(s) (NaN/inf, e.g. {key}): the run "
+            "that wrote them diverged. Retrain it (e.g. with a lower train.lr), or use another file"
+        )
     model.load_state_dict(state)
 
 
@@ -527,4 +640,6 @@ def average_state_dicts(paths: Iterable[str | Path]) -> dict[str, torch.Tensor]:
                 avg[k] += v.double()
     n = len(paths)
     first = load_torch(paths[0])["state_dict"]
-    return {k: (v / n).to(first[k].dtype) if v.is_floating_point() else v for k, v in avg.items()}
+    out = {k: (v / n).to(first[k].dtype) if v.is_floating_point() else v for k, v in avg.items()}
+    require_finite(out, f"the mean of {', '.join(p.name for p in map(Path, paths))}")
+    return out

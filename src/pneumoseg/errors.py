@@ -68,6 +68,21 @@ class ResumeError(UserError):
     """``--resume`` of a run whose settings changed, or that has nothing to resume from."""
 
 
+class TrainingDivergedError(UserError, ArithmeticError):
+    """Training produced non-finite losses, gradients or weights: the run stops, nothing of it is
+    saved (the message says the epoch, the learning rate and what to change)."""
+
+
+class RunLockedError(UserError, BlockingIOError):
+    """Another process is writing the same outputs (a fold folder, a tuning, a submission): the
+    message names the folder and that process."""
+
+
+class StaleTuningError(UserError, ValueError):
+    """A tuned ``postprocess.yaml`` made for other models or settings than the ones about to use
+    it (the message lists what differs and the command that re-tunes)."""
+
+
 class PartialFailure(UserError):
     """Some items failed while the others were written (the message lists the failed ones)."""
 

@@ -51,6 +51,7 @@ class Member(NamedTuple):
     model: nn.Module
     weight: float
     cfg: dict
+    path: Path | None = None  # the model.pt it was loaded from
 
 
 # ==================================================================================================
@@ -124,11 +125,21 @@ def _describe(exp_dir: Path) -> str:
     return f"{exp_dir} holds: {', '.join(parts) or 'nothing'}"
 
 
+# Model keys that say how the weights were obtained, not what network they belong to.
+_NOT_ARCH = ("encoder_weights", "encoder_weights_path")
+
+
 def load_member(
-    path: str | Path, weight: float = 1.0, device="cpu", channels_last: bool = True
+    path: str | Path,
+    weight: float = 1.0,
+    device="cpu",
+    channels_last: bool = True,
+    exp: str | None = None,
 ) -> Member:
     """Build the model a ``model.pt`` describes (its own ``config["model"]``) and load its weights
-    (in eval mode; ``channels_last`` memory format, faster on CPU and on GPU tensor cores)."""
+    (in eval mode; ``channels_last`` memory format, faster on CPU and on GPU tensor cores).
+    ``exp``: the experiment whose folder it lies in; a file of another experiment, or of another
+    model than its run folder's ``config.yaml`` describes, is refused by name."""
     ckpt = load_torch(path, what="model file")
     if (
         not isinstance(ckpt, Mapping)
@@ -140,6 +151,7 @@ def load_member(
             f"model file {path} is not a pneumoseg model.pt (needs 'state_dict' and 'config', "
             "as src/train.py writes them)"
         )
+    check_belongs(Path(path), ckpt["config"], exp)
     mcfg = dict(ckpt["config"]["model"])
     cache_cfg = ckpt["config"].get("cache")
     if isinstance(cache_cfg, Mapping) and cache_cfg.get("size"):
@@ -155,7 +167,45 @@ def load_member(
     model.to(device).eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    return Member(model, float(weight), mcfg)
+    return Member(model, float(weight), mcfg, Path(path))
+
+
+def arch_of(model_cfg: Mapping[str, Any]) -> dict:
+    """The keys of a ``model`` section that define the network (not how it was initialised)."""
+    return {k: v for k, v in model_cfg.items() if k not in _NOT_ARCH}
+
+
+def check_belongs(path: Path, ckpt_cfg: Mapping[str, Any], exp: str | None) -> None:
+    """A model file copied in from another experiment or architecture is named, not loaded: its
+    stored config must give the folder's experiment, and the model its run's config.yaml
+    describes (when the folder has one; inference-only copies often hold just model.pt)."""
+    saved_exp = ckpt_cfg.get("exp")
+    if exp is not None and saved_exp is not None and str(saved_exp) != exp:
+        raise ModelFileError(
+            f"model file {path} was trained as experiment {saved_exp!r} (its stored config), not "
+            f"{exp!r}: a model of another experiment is in this folder. Put back {exp!r}'s own "
+            "model (or retrain that fold); if you renamed the experiment folder, rename it back"
+        )
+    run_cfg = path.parent / "config.yaml"
+    if not run_cfg.is_file():
+        return
+    import yaml
+
+    try:
+        run = yaml.safe_load(run_cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # the run's log copy is unreadable: the weights' own config still decides
+    run_model = run.get("model") if isinstance(run, Mapping) else None
+    if isinstance(run_model, Mapping) and arch_of(run_model) != arch_of(ckpt_cfg["model"]):
+        diff = sorted(k for k in set(arch_of(run_model)) | set(arch_of(ckpt_cfg["model"]))
+                      if run_model.get(k) != ckpt_cfg["model"].get(k))  # fmt: skip
+        k = diff[0]
+        raise ModelFileError(
+            f"model file {path} is another model than its run folder's {run_cfg.name} describes "
+            f"(model.{k}: {ckpt_cfg['model'].get(k)!r} in the file, {run_model.get(k)!r} in the "
+            f"run; {len(diff)} key(s) differ): it was copied in from another run. Put back this "
+            "run's own model.pt, or retrain the fold"
+        )
 
 
 def load_models(cfg: Mapping[str, Any], device="cpu", channels_last: bool = True) -> list[Member]:
@@ -171,7 +221,7 @@ def load_models(cfg: Mapping[str, Any], device="cpu", channels_last: bool = True
         exp_dir = out_dir / exp
         dirs = _fold_dirs(exp_dir, folds, int(cfg["folds"]["n_folds"]))
         for d in dirs:
-            m = load_member(d / "model.pt", weight / len(dirs), device, channels_last)
+            m = load_member(d / "model.pt", weight / len(dirs), device, channels_last, exp)
             log.info(
                 "model %s: %s/%s, in_channels=%s, aux_head=%s, weight %.3f",
                 d / "model.pt",

@@ -15,19 +15,22 @@ Every error names the file.
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import math
 import os
 import re
+import secrets
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import cv2
 import numpy as np
 
-from pneumoseg.errors import DataError, MissingFileError
+from pneumoseg.errors import DataError, MissingFileError, OutputExistsError
 
 # --------------------------------------------------------------------------------------------------
 # atomic writes
@@ -44,19 +47,40 @@ def atomic_write(path: str | Path, mode: str = "w", **kwargs) -> Iterator[IO]:
     (or, after a hard kill, left as a ``.tmp`` sibling that nothing reads).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise OutputExistsError(
+            f"{path} is a folder, but this step writes a file there: move the folder away"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _named(e, path.parent) from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
-        with os.fdopen(fd, mode, **kwargs) as fh:
+        with _open(fd, mode, **kwargs) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename:
+            raise _named(e, path) from None
         raise
+
+
+def _open(fd: int, mode: str, **kwargs) -> IO:
+    """The temp file of :func:`atomic_write` (a seam: the tests make writes fail here)."""
+    return os.fdopen(fd, mode, **kwargs)
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """``e`` naming ``path`` (a write's ENOSPC names no file): the message says where."""
+    if e.filename or e.errno is None:
+        return e
+    return OSError(e.errno, e.strerror, str(path))
 
 
 def atomic_save(path: str | Path, writer, binary: bool = True) -> Path:
@@ -64,6 +88,97 @@ def atomic_save(path: str | Path, writer, binary: bool = True) -> Path:
     with atomic_write(path, "wb" if binary else "w") as fh:
         writer(fh)
     return Path(path)
+
+
+def replace_together(
+    folder: str | Path, name: str, writers: dict[str, Callable[[Path], Any]]
+) -> None:
+    """Replace the files ``writers`` names (``{file name in folder: writer(temp path)}``) as one
+    set: after a crash at any moment, readers find the old set or the new one, never a mix.
+
+    Each writer writes its own temp file; once all are complete, a journal listing the renames is
+    written atomically (the commit point); then the renames run and the journal goes. A journal
+    left by a killed process is rolled forward, and temp files of an uncommitted set removed, by
+    :func:`recover_together`, which the next write (and readers of the set) call first.
+    """
+    folder = Path(folder)
+    require_file_targets(folder, writers)
+    folder.mkdir(parents=True, exist_ok=True)
+    recover_together(folder, name, writers)
+    token = secrets.token_hex(6)
+    pairs: list[tuple[str, str]] = []
+    try:
+        for final, write in writers.items():
+            tmp = folder / f".{final}.{token}.settmp"
+            pairs.append((tmp.name, final))
+            try:
+                write(tmp)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            except OSError as e:
+                raise _named(e, folder / final) from None
+        with atomic_write(_journal(folder, name), "w", encoding="utf-8") as fh:
+            json.dump({"renames": pairs}, fh)
+    except BaseException:
+        for tmp_name, _ in pairs:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(folder / tmp_name)
+        raise
+    recover_together(folder, name, writers)  # the renames, now that the set is committed
+
+
+def require_file_targets(folder: Path, names: Iterable[str]) -> None:
+    """Refuse (before anything is written) when a file to be written is a folder."""
+    for name in names:
+        if (Path(folder) / name).is_dir():
+            raise OutputExistsError(
+                f"{Path(folder) / name} is a folder, but this step writes a file there: move "
+                "the folder away (nothing was written)"
+            )
+
+
+def recover_together(folder: str | Path, name: str, files: Iterable[str]) -> None:
+    """Finish a committed :func:`replace_together` of ``name`` (its journal is there) and remove
+    the temp files of uncommitted ones; only file names of ``files`` are ever touched."""
+    folder = Path(folder)
+    files = list(files)
+    journal = _journal(folder, name)
+    if journal.is_file():
+        plan = json.loads(journal.read_text(encoding="utf-8"))  # written atomically: whole
+        for tmp_name, final in plan["renames"]:
+            ours = final in files and re.fullmatch(
+                rf"\.{re.escape(final)}\.[0-9a-f]+\.settmp", tmp_name
+            )
+            if ours and (folder / tmp_name).is_file():
+                os.replace(folder / tmp_name, folder / final)
+        _fsync_dir(folder)
+        journal.unlink()
+    # ours by name: the set's temp files, and atomic_write's temps of the set's files (its
+    # writers', the journal's, and those an older version left when it was killed)
+    names = [*files, journal.name]
+    for final in names:
+        esc = glob.escape(final)
+        for pattern in (f".{esc}.*.settmp", f"..{esc}.*.settmp.*.tmp", f".{esc}.*.tmp"):
+            for stray in folder.glob(pattern):
+                stray.unlink(missing_ok=True)
+
+
+def _journal(folder: Path, name: str) -> Path:
+    return folder / f".{name}.commit.json"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------

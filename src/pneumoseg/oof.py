@@ -13,6 +13,7 @@ flat in the number of images and an interrupted run leaves no file that looks co
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -77,6 +78,8 @@ def predict_oof(
     truth_mm = np.lib.format.open_memmap(
         tmp[TRUTH], mode="w+", dtype=np.uint8, shape=(n, size, size)
     )
+    for name in (PROBS, TRUTH):
+        _reserve(tmp[name], folder / name)
     cls_all = np.full(n, np.nan, dtype=np.float32)
     model.eval()
     pos = 0
@@ -103,6 +106,23 @@ def predict_oof(
         pd.DataFrame({"id": ids}).to_csv(fh, index=False)
     log.info("OOF probabilities for %d images written to %s", n, folder)
     return folder
+
+
+def _reserve(path: Path, name: Path) -> None:
+    """Allocate a memmap's blocks up front: a full disk is then an ENOSPC naming ``name`` here,
+    not a SIGBUS that kills the process when a page of the (sparse) file is first written."""
+    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - macOS, Windows
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate
+            return
+        path.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(name)) from None
+    finally:
+        os.close(fd)
 
 
 @dataclass

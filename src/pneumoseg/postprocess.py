@@ -99,6 +99,7 @@ INFO_KEYS = (
     "folds",
     "n_images",
     "exp",
+    "source",  # what the tuning was made from (pneumoseg.provenance): checked before use
 )
 _REQUIRED = {
     "threshold": ("threshold",),

@@ -10,6 +10,7 @@ back to each image's original size, and ``<train.out_dir>/<exp>/postprocess.yaml
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,21 +21,39 @@ import numpy as np
 log = logging.getLogger("pneumoseg.predict")
 
 DEFAULT_PARAMS = {"method": "threshold", "threshold": 0.5, "min_area": 0}
+# the files oof_tune.py replaces as one set (pneumoseg.io.replace_together)
+TUNING_FILES = ("oof_report.csv", "oof_grid.csv", "oof_grid.png", "postprocess.yaml")
 
 
 def postprocess_path(cfg: Mapping[str, Any]) -> Path:
     return Path(str(cfg["train"]["out_dir"])) / str(cfg["exp"]) / "postprocess.yaml"
 
 
-def postprocess_params(cfg: Mapping[str, Any]) -> dict:
+def postprocess_params(cfg: Mapping[str, Any], members: Sequence | None = None) -> dict:
     """The post-processing ``oof_tune.py`` tuned for this config (for a blend: on the blend's OOF
-    maps, under the blend config's own ``exp``), or threshold 0.5 with a warning."""
+    maps, under the blend config's own ``exp``), or threshold 0.5 with a warning. A tuning made
+    for other models or settings than ``members`` and ``cfg`` is refused
+    (:func:`pneumoseg.provenance.check_source`)."""
+    from pneumoseg.errors import RunLockedError
+    from pneumoseg.inference import experiment_list
+    from pneumoseg.io import recover_together
+    from pneumoseg.locks import exclusive, lock_file_for
     from pneumoseg.postprocess import load_params
+    from pneumoseg.provenance import check_source
 
     path = postprocess_path(cfg)
+    if path.parent.is_dir():
+        # a tuning killed while replacing its files is finished first (or dropped if it never
+        # committed), unless one is running now (it holds the lock and finishes its own set) or
+        # the folder is read-only (e.g. models mounted as a Kaggle input): nothing to finish then
+        with contextlib.suppress(RunLockedError, OSError), exclusive(lock_file_for(path), "tuning"):
+            recover_together(path.parent, "tuning", TUNING_FILES)
     if path.is_file():
         params = load_params(path)
-        log.info("post-processing from %s: %s", path, params)
+        paths = [m.path for m in members or () if getattr(m, "path", None) is not None]
+        check_source(params, path, cfg, experiment_list(cfg), paths)
+        log.info("post-processing from %s: %s", path, {k: v for k, v in params.items()
+                                                         if k != "source"})  # fmt: skip
         return params
     log.warning(
         "%s not found (run src/oof_tune.py to tune it): using a plain threshold of 0.5 without "
@@ -71,7 +90,7 @@ class Predictor:
         self.tta = list(cfg["predict"]["tta"] or [])
         parse_tta(self.tta)  # fail on a bad view before loading anything
         self.members = load_models(cfg, self.device)
-        self.params = postprocess_params(cfg)
+        self.params = postprocess_params(cfg, self.members)
         apply_model_options(self.members, self.params.get("model_options") or {})
         self.relative = relative
         self.batch_size = max(1, int(cfg["predict"]["batch_size"]))

@@ -37,6 +37,7 @@ RESUME_SAFE_KEYS = (
     "train.num_workers",
     "train.device",
     "train.stop_after_epoch",
+    "train.max_bad_steps",
     "train.epochs",
     "train.early_stop",
     "train.tensorboard",
@@ -338,6 +339,7 @@ def build_job(cfg: Mapping, data: FoldData, d, device, dtype, init: Path | None,
 def restore(job: Job, state: Mapping) -> None:
     """Continue from the loaded ``last.pt``: weights, optimiser, scheduler, scaler, sampler, RNG,
     history."""
+    engine.require_finite(state["model"], "the weights in last.pt")
     job.model.load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])
     if job.scheduler is not None and state.get("scheduler"):
@@ -414,6 +416,8 @@ def train_epochs(cfg, job: Job, data: FoldData, d, device, dtype, out: Path, fol
                 job.ddp_model, train_loader, job.loss_fn, job.optimizer, job.scheduler,
                 job.scaler, device, epoch, tc, dtype, show, family=job.family,
             )  # fmt: skip
+            # every rank holds the same weights, so every rank stops here together
+            engine.require_finite(job.model.state_dict(), f"the weights after epoch {epoch}")
             row = {"epoch": epoch, **stats, "lr": job.optimizer.param_groups[0]["lr"]}
             if d.is_main and len(data.val_ds):
                 row.update(
@@ -535,6 +539,37 @@ def write_option_oofs(cfg, job: Job, out: Path, ids, device, dtype, show: bool) 
         job.family.set_option(job.model, name, cfg["model"][name])
 
 
+def check_disk_space(cfg: Mapping, job: Job, data: FoldData, out: Path, resume: bool) -> None:
+    """Refuse to start a fold whose outputs cannot fit on the disk (both numbers in the message),
+    rather than fail after hours of training: checkpoints (top-k, model.pt, last.pt with the
+    optimiser's state) and the OOF maps (of every ``tune.options`` setting)."""
+    from pneumoseg.errors import DiskSpaceError
+    from pneumoseg.oof import option_settings
+
+    weights = sum(t.numel() * t.element_size() for t in job.model.state_dict().values())
+    moments = 2 if cfg["train"]["optimizer"] in ("adam", "adamw") else 1
+    ckpt = weights * (int(cfg["train"]["top_k"]) + 2 + moments)
+    oof_side = int(cfg["oof"]["size"])
+    n_maps = 1 + len(option_settings(cfg["tune"]["options"]))
+    oof = len(data.val_idx) * oof_side * oof_side * 2 * n_maps
+    # a resumed run replaces files it already has: only the growth (and one temp copy) is new
+    have = sum(f.stat().st_size for f in out.rglob("*.pt")) if resume and out.is_dir() else 0
+    need = max(ckpt - have, weights * (1 + moments)) + oof
+    where = out if out.exists() else next(p for p in out.parents if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise DiskSpaceError(
+            f"{out}: this fold writes about {_gib(need)} (checkpoints {_gib(ckpt)}, OOF maps "
+            f"{_gib(oof)} at oof.size={oof_side}) but only {_gib(free)} are free on that disk. "
+            "Free space, or point train.out_dir at a larger disk (lower train.top_k / oof.size "
+            "to need less)"
+        )
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
 def prepare_folder(out: Path, cfg: Mapping, force: bool, changes: list[str]) -> None:
     """Main rank, after every check passed: back up a forced run, create the folder."""
     if force and out.exists() and any(out.iterdir()):
@@ -551,14 +586,26 @@ def prepare_folder(out: Path, cfg: Mapping, force: bool, changes: list[str]) -> 
 # The whole fold
 # ==================================================================================================
 def fit(cfg: dict, fold: int, resume: bool = False, force: bool = False, quiet: bool = False):
-    """Train one fold; returns (run folder, the trained model)."""
+    """Train one fold; returns (run folder, the trained model). One process per run folder: a
+    second one is refused (:class:`~pneumoseg.errors.RunLockedError`) while the first runs."""
+    import contextlib
+
+    from pneumoseg.locks import exclusive, lock_file_for
+
+    check_fold(cfg, fold)
+    d = engine.init_distributed(cfg["train"]["device"])
+    out = run_dir(cfg, fold)
+    # the lock sits beside the folder: --force moves the folder (and would move a lock inside it)
+    lock = exclusive(lock_file_for(out), f"run folder {out}") if d.is_main else None
+    with lock or contextlib.nullcontext():
+        return _fit_locked(cfg, fold, d, out, resume, force, quiet)
+
+
+def _fit_locked(cfg: dict, fold: int, d, out: Path, resume: bool, force: bool, quiet: bool):
     from pneumoseg.cli import setup_logging
     from pneumoseg.oof import has_oof
 
     tc = cfg["train"]
-    check_fold(cfg, fold)
-    d = engine.init_distributed(tc["device"])
-    out = run_dir(cfg, fold)
     last_path, model_path = out / "last.pt", out / "model.pt"
 
     # 1. every check that can fail, before anything is written
@@ -574,6 +621,8 @@ def fit(cfg: dict, fold: int, resume: bool = False, force: bool = False, quiet: 
     engine.seed_everything(cfg["seed"] + d.rank, tc["deterministic"])
     job = build_job(cfg, data, d, device, dtype, init, out / "checkpoints")
     finished = resume and model_path.is_file()
+    if d.is_main and not finished:
+        check_disk_space(cfg, job, data, out, resume and not force)
     if last_state is not None and not finished:
         restore(job, last_state)
 
