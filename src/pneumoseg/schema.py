@@ -354,8 +354,16 @@ def _serve(s: Mapping, cfg: Mapping) -> Iterator[str]:
     yield from _text("serve.host", s["host"])
     yield from _num("serve.port", s["port"], lo=1, hi=65535)
     yield from _num("serve.max_body_mb", s["max_body_mb"], lo=0, lo_open=True)
-    for key in ("max_files", "max_pixels"):
+    for key in ("max_files", "max_pixels", "max_request_pixels", "max_inflight_pixels"):
         yield from _num(f"serve.{key}", s[key], lo=1)
+    if s["max_request_pixels"] < s["max_pixels"]:
+        yield (f"serve.max_request_pixels: {s['max_request_pixels']} is below serve.max_pixels "
+               f"({s['max_pixels']}): an image the server accepts could never be sent")  # fmt: skip
+    if s["max_inflight_pixels"] < s["max_request_pixels"]:
+        yield (f"serve.max_inflight_pixels: {s['max_inflight_pixels']} is below "
+               f"serve.max_request_pixels ({s['max_request_pixels']}): a request the server "
+               "accepts could never run")  # fmt: skip
+    yield from _num("serve.body_timeout_s", s["body_timeout_s"], lo=0, lo_open=True)
     if s["concurrency"] is not None:
         yield from _num("serve.concurrency", s["concurrency"], lo=1)
     if s["queue"] is not None:

@@ -2,21 +2,36 @@
 :class:`pneumoseg.predictor.Predictor` as ``predict.py`` (so a response and a submission row agree
 pixel for pixel on the same image).
 
-Limits (the ``serve`` config section): a request-body cap (413, checked on the declared length
-and again while the body streams in), at most ``max_files`` files, a pixel cap read from each
-image's header before decoding (413), the type by content (415), bounded inference: at most
-``concurrency`` forward passes at once and ``queue`` requests waiting, anything beyond gets 503
-at once with ``Retry-After``. Error bodies carry fixed texts only; logs carry counts, types,
-sizes, statuses and timings, never file names, DICOM tags or exception text.
+Limits (the ``serve`` config section), in the order a request meets them:
+
+* capacity: at most ``concurrency`` requests running and ``queue`` more inside (receiving their
+  body, waiting for a slot); a request counts from its first byte, and one beyond gets 503 at
+  once with ``Retry-After``;
+* the body: ``max_body_mb`` (413, by the declared length and again while it streams in, chunked
+  or not) within ``body_timeout_s`` (408, connection closed: a body that never completes cannot
+  hold a place for ever);
+* ``max_files`` files, each checked by content (415) and by every size its headers declare
+  against ``max_pixels`` (413) before any pixel is decoded (see :mod:`.uploads`);
+* ``max_request_pixels``: the header pixels of a request's files together (413);
+* decoding starts only once the request holds a run slot and its pixels fit in
+  ``max_inflight_pixels``, the server-wide budget of pixels being decoded and predicted.
+
+Error bodies carry fixed texts only. Logs carry counts, types, sizes, statuses and timings, never
+file names, DICOM tags or exception text: every record of a logger the app does not own (pydicom's
+children, PIL, warnings...) loses its text and traceback at the handlers (:class:`RedactForeign`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +45,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from pneumoseg.errors import UserError
-from pneumoseg.serve.uploads import Decoded, UploadError, decode_upload
+from pneumoseg.safe_text import safe_id
+from pneumoseg.serve.uploads import Decoded, Header, UploadError, decode, inspect_upload
 from pneumoseg.visualize import components, overlay
 
 log = logging.getLogger("pneumoseg.serve")
@@ -43,6 +59,7 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+PREDICT_PATH = "/api/predict"
 
 # PNGs a client may ask for (base64 in the JSON): the final mask, the server-drawn overlay, the
 # probability map (p x 255: the page re-thresholds it without a new forward pass) and the decoded
@@ -50,60 +67,98 @@ SECURITY_HEADERS = {
 OUTPUTS = ("mask", "overlay", "prob", "image")
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyRefused(Exception):
+    """The request body broke a limit; ``status`` and ``detail`` are the answer."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
 
 
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, by the declared
-    ``Content-Length`` before reading anything, and by counting while a body streams in."""
+class RequestGuard:
+    """ASGI middleware, outermost: the capacity gate for ``POST /api/predict`` (entered before
+    its body is read, left when its answer is sent), the body cap (413) and the body deadline
+    (408). A broken limit is answered with its own status wherever it is noticed: even when the
+    app caught the exception (a form parser does) and tried to answer something else."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, int(limit)
+    def __init__(self, app, limit: int, timeout_s: float, gate: Gate):
+        self.app, self.limit, self.timeout_s, self.gate = app, int(limit), float(timeout_s), gate
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _too_large(send, self.limit)
-        seen, started = 0, False
+        gated = scope["method"] == "POST" and scope["path"] == PREDICT_PATH
+        if gated and not self.gate.enter():
+            log.warning("over capacity: 503")
+            return await _answer(send, 503, "the server is busy: retry shortly")
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            if gated:
+                self.gate.leave()
 
-        async def counting_receive():
-            nonlocal seen
-            message = await receive()
+    async def _guarded(self, scope, receive, send):
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _answer(send, 413, self._too_large)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        seen, complete, started, refused = 0, False, False, None
+
+        async def guarded_receive():
+            nonlocal seen, complete, refused
+            if complete:  # the body is in: later reads wait for a disconnect, with no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                refused = BodyRefused(408, self._too_slow)
+                raise refused from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.limit:
-                    raise BodyTooLarge
+                    refused = BodyRefused(413, self._too_large)
+                    raise refused
             return message
 
-        async def tracking_send(message):
+        async def guarded_send(message):
             nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
+            if refused is not None:  # the app's own answer to a broken body is replaced
+                if not started:
+                    started = True
+                    await _answer(send, refused.status, refused.detail)
+                return
+            started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
+            await self.app(scope, guarded_receive, guarded_send)
+        except BodyRefused as e:
             if not started:
-                await _too_large(send, self.limit)
+                await _answer(send, e.status, e.detail)
+        else:
+            if refused is not None and not started:  # the app caught it and answered nothing
+                await _answer(send, refused.status, refused.detail)
+
+    @property
+    def _too_large(self) -> str:
+        return f"request body over the server's limit of {self.limit:,} bytes"
+
+    @property
+    def _too_slow(self) -> str:
+        return (f"the request body did not arrive within {self.timeout_s:g} s: the connection "
+                "is closed; send it again, faster or in smaller requests")  # fmt: skip
 
 
-async def _too_large(send, limit: int) -> None:
-    import json
-
-    body = json.dumps({"detail": f"request body over the server's limit of {limit:,} bytes"})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-        }
-    )
-    await send({"type": "http.response.body", "body": body.encode()})
+async def _answer(send, status: int, detail: str) -> None:
+    """A JSON error that closes the connection (the rest of the body is never read)."""
+    headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+               (b"x-content-type-options", b"nosniff")]  # fmt: skip
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": json.dumps({"detail": detail}).encode()})
 
 
 class Gate:
@@ -128,8 +183,35 @@ class Gate:
             self.inside -= 1
 
 
+class PixelBudget:
+    """Pixels being decoded or predicted, server-wide: :meth:`hold` waits until ``n`` more fit
+    under ``limit`` (a request never asks for more than the whole budget: the config checks
+    ``max_request_pixels <= max_inflight_pixels``)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = int(limit), 0
+        self.cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        n = min(int(n), self.limit)
+        with self.cond:
+            self.cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= n
+                self.cond.notify_all()
+
+
+class RequestTooLarge(Exception):
+    """A request whose files hold more header pixels together than ``max_request_pixels``."""
+
+
 class Service:
-    """The loaded experiment (or why there is none) and the prediction of decoded uploads."""
+    """The loaded experiment (or why there is none), the limits, and the prediction of uploads."""
 
     def __init__(self, cfg: Mapping[str, Any], predictor=None):
         from pneumoseg import __version__
@@ -157,6 +239,9 @@ class Service:
         queue = int(sc["queue"] if sc["queue"] is not None else 2 * conc)
         self.gate = Gate(conc, queue)
         self.concurrency, self.queue = conc, queue
+        self.max_pixels = int(sc["max_pixels"])
+        self.max_request_pixels = int(sc["max_request_pixels"])
+        self.pixels = PixelBudget(int(sc["max_inflight_pixels"]))
 
     def health(self) -> dict:
         p = self.predictor
@@ -172,22 +257,54 @@ class Service:
             "postprocess": None if p is None else dict(p.params),  # validated: plain values
             "concurrency": self.concurrency,
             "queue": self.queue,
+            "max_pixels": self.max_pixels,
+            "max_request_pixels": self.max_request_pixels,
             "version": self.version,
             "problem": self.problem,
         }
 
-    def predict(self, decoded: list[Decoded], outputs: set[str]) -> list[dict]:
-        """Forward pass of decoded images (one batch per ``predict.batch_size``) -> results."""
+    def run_request(self, files: list[tuple[str | None, Any]], outputs: set[str]) -> list[dict]:
+        """Uploads (file name, file object) -> one result per file, in order (runs in a worker
+        thread). Headers first, for every file; then, holding a run slot and the pixels of the
+        request, decoding and prediction, one batch at a time."""
+        items, headers = [], []
+        for i, (name, fh) in enumerate(files):
+            data = fh.read()
+            item = {"index": i, "id": id_of_name(name, i), "bytes": len(data)}
+            try:
+                h = inspect_upload(data, self.max_pixels)
+                item["id"] = safe_id(h.image_id, fallback=item["id"])  # a DICOM's own id first
+                item["kind"] = h.kind
+                headers.append((item, h))
+            except UploadError as e:
+                item["error"] = {"status": e.status, "detail": e.message}
+            items.append(item)
+            del data  # a PNG/JPEG header keeps its bytes; a DICOM's keeps its parsed dataset
+        total = sum(h.pixels for _, h in headers)
+        if total > self.max_request_pixels:
+            raise RequestTooLarge(total)
+        if headers:
+            with self.gate.run, self.pixels.hold(total):
+                self._predict(headers, outputs)
+        return items
+
+    def _predict(self, headers: list[tuple[dict, Header]], outputs: set[str]) -> None:
+        """Decode and predict one ``predict.batch_size`` batch at a time, so that at most one
+        batch of decoded images is in memory; results go into the items."""
         p = self.predictor
-        out: list[dict] = []
-        with self.gate.run:  # one of the run slots (the request already entered the gate)
-            for start in range(0, len(decoded), p.batch_size):
-                chunk = decoded[start : start + p.batch_size]
-                probs, cls = p.probs_of([d.image for d in chunk])
-                for j, d in enumerate(chunk):
-                    c = None if cls is None else float(cls[j])
-                    out.append(self._result(d, probs[j], c, outputs))
-        return out
+        for start in range(0, len(headers), p.batch_size):
+            batch: list[tuple[dict, Decoded]] = []
+            for item, h in headers[start : start + p.batch_size]:
+                try:
+                    batch.append((item, decode(h)))
+                except UploadError as e:
+                    item["error"] = {"status": e.status, "detail": e.message}
+            if not batch:
+                continue
+            probs, cls = p.probs_of([d.image for _, d in batch])
+            for j, (item, d) in enumerate(batch):
+                c = None if cls is None else float(cls[j])
+                item.update(self._result(d, probs[j], c, outputs))
 
     def _result(self, d: Decoded, prob: np.ndarray, cls: float | None, outputs: set[str]) -> dict:
         mask, rle = self.predictor.finish(prob, cls)
@@ -239,48 +356,87 @@ def _png_b64(arr: np.ndarray) -> str:
     return base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-def safe_id(name: str | None, index: int) -> str:
-    """An id for the response (the CSV row): the file's stem when it is a plain name of letters,
-    digits, ``._-`` (no path, at most 128 characters), else ``image-<index>``. It is never used as
-    a path and never logged."""
-    import re
-
+def id_of_name(name: str | None, index: int) -> str:
+    """The id of an upload from its file name: the stem of its last path part through
+    :func:`~pneumoseg.safe_text.safe_id` (``image-<index>`` without a name). A DICOM's
+    SOPInstanceUID replaces it. The name is never used as a path and never logged."""
     stem = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
     stem = stem.rsplit(".", 1)[0] if "." in stem else stem
-    if stem and len(stem) <= 128 and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", stem):
-        return stem
-    return f"image-{index}"
+    return safe_id(stem, fallback=f"image-{index}")
 
 
-class RedactPydicom(logging.Filter):
-    """pydicom logs values it finds odd ("Invalid value for VR UI: '<the UID>'"): in the server
-    such records keep their level but lose their text, so no tag value reaches a log."""
+# ----------------------------------------------------------------------------------------- logs
+OWN_LOGGERS = ("pneumoseg",)  # records kept as they are
+SERVER_LOGGERS = ("uvicorn",)  # kept, less any traceback (its text may quote a request)
+
+
+def _under(name: str, roots: tuple[str, ...]) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in roots)
+
+
+class RedactForeign(logging.Filter):
+    """On a *handler*, so that it sees every record that reaches it, from any logger and its
+    children (a filter on the ``pydicom`` logger misses ``pydicom.pixels.*``): records of the
+    app's own loggers pass; uvicorn's keep their line but lose any traceback; every other
+    logger's (pydicom, PIL, python-multipart, warnings...) keeps its level and logger name and
+    loses its text, arguments and traceback, which may quote DICOM values or file names."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = "pydicom message withheld (it may quote DICOM values)", ()
+        if _under(record.name, OWN_LOGGERS):
+            return True
+        if _under(record.name, SERVER_LOGGERS):
+            if record.exc_info or record.exc_text or record.stack_info:
+                exc = record.exc_info[1] if record.exc_info else None
+                kind = f": {type(exc).__name__}" if exc is not None else ""
+                record.msg, record.args = f"{record.getMessage()} (traceback withheld{kind})", ()
+                record.exc_info, record.exc_text, record.stack_info = None, None, None
+            return True
+        record.msg = f"{record.name}: message withheld (third-party text may quote DICOM values)"
+        record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
         return True
 
 
-def _redact_pydicom() -> None:
-    logger = logging.getLogger("pydicom")
-    if not any(isinstance(f, RedactPydicom) for f in logger.filters):
-        logger.addFilter(RedactPydicom())
+class RedactPydicom(logging.Filter):
+    """On the ``pydicom`` logger itself: its own records lose their text under any handler,
+    including ones attached after the app started (a test's capture). Its children's records
+    are :class:`RedactForeign`'s."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = "pydicom message withheld (it may quote DICOM values)", ()
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
 
 
+def redact_foreign_logs() -> None:
+    """Attach :class:`RedactForeign` to every handler in the process (the root's and those of
+    configured loggers such as uvicorn's); again after a logging configuration adds handlers."""
+    pydicom_logger = logging.getLogger("pydicom")
+    if not any(isinstance(f, RedactPydicom) for f in pydicom_logger.filters):
+        pydicom_logger.addFilter(RedactPydicom())
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if not any(isinstance(f, RedactForeign) for f in handler.filters):
+                handler.addFilter(RedactForeign())
+
+
+# ------------------------------------------------------------------------------------------ app
 def create_app(cfg: Mapping[str, Any], predictor=None):
     """The app for a resolved config (its ``serve`` section); ``predictor`` for tests."""
     sc = cfg["serve"]
-    _redact_pydicom()
+    redact_foreign_logs()
     service = Service(cfg, predictor)
     app = FastAPI(
         title="pneumoseg",
         version=service.version,
         description="Pneumothorax segmentation of chest X-rays. Research use only, not for "
-        "diagnosis.",
+        "diagnosis. Each result's `id` is the DICOM's SOPInstanceUID, else the file's stem, when "
+        "it is a valid DICOM UID or a plain name (a letter or digit, then up to 127 of "
+        "`A-Za-z0-9._-`); any other value becomes `sha256-` + the first 12 hex digits of its "
+        "SHA-256 (UTF-8); no value at all: `image-<n>`.",
     )
     app.state.service = service
-    app.add_middleware(BodyLimit, limit=int(float(sc["max_body_mb"]) * 1024 * 1024))
-    max_files, max_pixels = int(sc["max_files"]), int(sc["max_pixels"])
+    max_files = int(sc["max_files"])
     if sc["cors_origins"]:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -298,6 +454,9 @@ def create_app(cfg: Mapping[str, Any], predictor=None):
             response.headers.update(SECURITY_HEADERS)
         return response
 
+    # added last: the outermost layer, so that capacity is decided before anything else runs
+    app.add_middleware(RequestGuard, limit=int(float(sc["max_body_mb"]) * 1024 * 1024),
+                       timeout_s=float(sc["body_timeout_s"]), gate=service.gate)  # fmt: skip
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -308,10 +467,11 @@ def create_app(cfg: Mapping[str, Any], predictor=None):
     def health() -> dict:
         return service.health()
 
-    @app.post("/api/predict")
+    @app.post(PREDICT_PATH)
     async def predict(request: Request, outputs: str = ""):
         """One or more files (multipart field ``files``) -> one result per file, in order.
-        ``outputs``: comma-separated PNGs to include (``mask``, ``overlay``, ``prob``)."""
+        ``outputs``: comma-separated PNGs to include (``mask``, ``overlay``, ``prob``, ``image``).
+        """
         t0 = time.perf_counter()
         want = {o for o in outputs.split(",") if o}
         if want - set(OUTPUTS):
@@ -320,52 +480,41 @@ def create_app(cfg: Mapping[str, Any], predictor=None):
             return error(503, "no model is loaded: see GET /health for what to run")
         try:
             form = await request.form(max_files=max_files, max_fields=max_files + 8)
+        except BodyRefused:
+            raise  # RequestGuard answers 413 / 408
         except Exception:  # malformed multipart, too many parts: nothing of it is echoed
             return error(400, f"expected multipart/form-data with up to {max_files} files "
                               "in the field 'files'")  # fmt: skip
-        uploads = [f for f in form.getlist("files") if hasattr(f, "read")]
-        if not uploads:
-            await form.close()
-            return error(422, "no file in the multipart field 'files'")
-        if not service.gate.enter():
-            await form.close()
-            log.warning("over capacity: 503 (%d files)", len(uploads))
-            return error(503, "the server is busy: retry shortly")
         try:
-            items, good = [], []
-            for i, up in enumerate(uploads):
-                data = await up.read()
-                item = {"index": i, "id": safe_id(up.filename, i), "bytes": len(data)}
-                try:
-                    d = decode_upload(data, max_pixels)
-                    if d.image_id:
-                        item["id"] = d.image_id
-                    good.append((item, d))
-                except UploadError as e:
-                    item["error"] = {"status": e.status, "detail": e.message}
-                items.append(item)
-            await form.close()
-            results = await run_in_threadpool(
-                service.predict, [d for _, d in good], want
-            ) if good else []  # fmt: skip
-            for (item, _), res in zip(good, results, strict=True):
-                item.update(res)
+            uploads = [(f.filename, f.file) for f in form.getlist("files") if hasattr(f, "read")]
+            if not uploads:
+                return error(422, "no file in the multipart field 'files'")
+            items = await run_in_threadpool(service.run_request, uploads, want)
+        except RequestTooLarge as e:
+            log.warning("request over the pixel cap: 413 (%d files)", len(uploads))
+            return error(413, f"the files hold {e.args[0]:,} pixels together, more than the "
+                              f"server accepts per request ({service.max_request_pixels:,}): "
+                              "send fewer or smaller images per request")  # fmt: skip
         finally:
-            service.gate.leave()
-        failed = [it for it in items if "error" in it]
-        log.info(
-            "predict: %d file(s) (%s), %d failed, %.2f s",
-            len(items),
-            ",".join(sorted({it.get("kind", "?") for it in items})),
-            len(failed),
-            time.perf_counter() - t0,
-        )
-        if len(failed) == len(items):
-            first = failed[0]["error"]
-            return error(first["status"], first["detail"], results=items)
-        return {"results": items}
+            await form.close()
+        return _answer_items(items, t0, error)
 
     return app
+
+
+def _answer_items(items: list[dict], t0: float, error) -> dict | JSONResponse:
+    failed = [it for it in items if "error" in it]
+    log.info(
+        "predict: %d file(s) (%s), %d failed, %.2f s",
+        len(items),
+        ",".join(sorted({it.get("kind", "?") for it in items})),
+        len(failed),
+        time.perf_counter() - t0,
+    )
+    if len(failed) == len(items):
+        first = failed[0]["error"]
+        return error(first["status"], first["detail"], results=items)
+    return {"results": items}
 
 
 def serve_forever(app, sc: Mapping[str, Any]) -> None:
@@ -389,4 +538,8 @@ def serve_forever(app, sc: Mapping[str, Any]) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from the network, with no authentication", host)
     log.info("serving on http://%s:%d/ (API docs at /docs)", host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False)
+    redact_foreign_logs()  # uvicorn's logging configuration has just made its handlers
+    logging.captureWarnings(True)  # a warning (pydicom's quote values) becomes a redacted record
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn handles SIGINT itself
+        uvicorn.Server(config).run()

@@ -174,7 +174,8 @@ function maskUrl(mask, w, h) {
 }
 
 function csvUrl(rows) {
-  const text = "ImageId,EncodedPixels\n" + rows.map((r) => `${r[0]},${r[1]}`).join("\n") + "\n";
+  // csvText (csv.js): every cell quoted, formula-like cells neutralised
+  const text = csvText(["ImageId", "EncodedPixels"], rows);
   return URL.createObjectURL(new Blob([text], { type: "text/csv" }));
 }
 
