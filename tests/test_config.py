@@ -250,6 +250,7 @@ RULES = [
     (["oof.size=7"], "oof.size"),
     (["oof.size=100000"], "oof.size"),
     (["oof.size=2049", "cache.size=2048"], "oof.size"),
+    (["oof.size=2080", "data.original_size=4096"], "oof.size"),  # originals above the cap
     (["oof.size=1056"], "oof.size"),  # above max(cache.size 512, original 1024)
     (["oof.size=288", "cache.size=256", "data.original_size=256"], "oof.size"),
     (["oof.size=1056", "data.original_size=null"], "oof.size"),  # null: SIIM's 1024 assumed

@@ -71,10 +71,15 @@ class _Pixel(nn.Module):
         return self.conv(x)
 
 
-def _loader(batch):
+def _data():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 1, 4, 4, generator=g)
     y = (torch.rand(4, 1, 4, 4, generator=g) > 0.5).float()
+    return x, y
+
+
+def _loader(batch):
+    x, y = _data()
     return [{"image": x[i : i + batch], "mask": y[i : i + batch]} for i in range(0, 4, batch)]
 
 
@@ -83,28 +88,45 @@ def _loss(logits, target, cls=None):
     return loss, {}
 
 
-def test_gradient_accumulation_equals_full_batch():
-    results = []
-    for batch, accum in ((4, 1), (2, 2)):
-        torch.manual_seed(0)
-        model = _Pixel()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        cfg = {**TRAIN, "accum_steps": accum}
-        engine.train_one_epoch(
-            model,
-            _loader(batch),
-            _loss,
-            opt,
-            None,
-            scaler,
-            torch.device("cpu"),
-            0,
-            cfg,
-            show_progress=False,
-        )
-        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(results[0], results[1])
+def _trained(batch: int, accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights before, weights after) one epoch of train_one_epoch over the 4 images."""
+    torch.manual_seed(0)
+    model = _Pixel()
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    cfg = {**TRAIN, "accum_steps": accum}
+    engine.train_one_epoch(model, _loader(batch), _loss, opt, None, scaler,
+                           torch.device("cpu"), 0, cfg, show_progress=False)  # fmt: skip
+    return before, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _sgd_steps(batch: int) -> torch.Tensor:
+    """The weights after plain SGD steps (lr 0.1) on consecutive batches of ``batch`` images,
+    computed here with autograd, without the engine."""
+    torch.manual_seed(0)
+    model = _Pixel()
+    x, y = _data()
+    for i in range(0, 4, batch):
+        model.zero_grad()
+        _loss(model(x[i : i + batch]), y[i : i + batch])[0].backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+# (batch, accum_steps, images per optimiser step): accum_steps x batch images make one step
+ACCUM_CASES = [(4, 1, 4), (2, 2, 4), (1, 4, 4), (2, 1, 2), (1, 2, 2), (1, 1, 1)]
+
+
+@pytest.mark.parametrize("batch,accum,per_step", ACCUM_CASES)
+def test_gradient_accumulation_equals_the_larger_batch(batch, accum, per_step):
+    before, after = _trained(batch, accum)
+    assert (after - before).abs().min() > 1e-4  # every weight moved
+    torch.testing.assert_close(after, _sgd_steps(per_step), rtol=1e-5, atol=1e-6)
+    if accum > 1:  # and not what stepping on every batch would give
+        assert (after - _sgd_steps(batch)).abs().max() > 1e-4
 
 
 def test_checkpoints_keep_top_k_and_average(tmp_path):

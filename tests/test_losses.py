@@ -51,6 +51,52 @@ def test_combo_matches_weighted_sum_and_aux():
     assert parts["loss_aux_bce"] == pytest.approx(LN2)
 
 
+# A 2x2 Lovász case by hand. logits [[2, 0.5], [0, -1]], truth [[1, 0], [1, 0]]: hinge errors
+# 1 - logit * (2t - 1) = [-1, 1.5, 1, 0]; sorted (1.5 f, 1 t, 0 f, -1 t) the truth reads
+# [0, 1, 0, 1], whose Jaccard losses 1 - (2 - cum t) / (2 + cum f) are 1/3, 2/3, 3/4, 1: steps
+# 1/3, 1/3, 1/12, 1/4. Loss = 1.5/3 + 1/3 = 5/6; d/dlogit = -sign x step where the error is > 0.
+LOGITS_2X2 = [2.0, 0.5, 0.0, -1.0]
+TRUTH_2X2 = [1.0, 0.0, 1.0, 0.0]
+LOVASZ_2X2 = 5 / 6
+GRAD_2X2 = [0.0, 1 / 3, -1 / 3, 0.0]
+BCE_2X2 = (
+    math.log1p(math.exp(-2)) + math.log1p(math.exp(0.5)) + LN2 + math.log1p(math.exp(-1))
+) / 4
+
+
+def test_lovasz_2x2_value_and_gradient_by_hand():
+    logits = t(LOGITS_2X2).requires_grad_()
+    loss = lovasz_loss(logits, t(TRUTH_2X2))
+    assert float(loss.detach()) == pytest.approx(LOVASZ_2X2, abs=1e-6)
+    loss.backward()
+    assert logits.grad.flatten().tolist() == pytest.approx(GRAD_2X2, abs=1e-6)
+    # per image: a perfect second image (errors all <= 0) halves the batch mean
+    two = torch.cat([t(LOGITS_2X2), t([5.0, -5.0, 5.0, -5.0])])
+    assert float(lovasz_loss(two, torch.cat([t(TRUTH_2X2)] * 2))) == pytest.approx(
+        LOVASZ_2X2 / 2, abs=1e-6
+    )
+
+
+@pytest.mark.parametrize("w", [0.25, 1.0, 3.0])
+def test_combo_with_lovasz_adds_exactly_weight_times_the_term(w):
+    logits, target = t(LOGITS_2X2).requires_grad_(), t(TRUTH_2X2)
+    total, parts = ComboLoss({"bce": 2, "lovasz": w})(logits, target)
+    assert float(total.detach()) == pytest.approx(2 * BCE_2X2 + w * LOVASZ_2X2, abs=1e-6)
+    assert parts == pytest.approx({"loss_bce": BCE_2X2, "loss_lovasz": LOVASZ_2X2}, abs=1e-6)
+    base, _ = ComboLoss({"bce": 2})(logits, target)
+    assert float((total - base).detach()) == pytest.approx(w * LOVASZ_2X2, abs=1e-6)
+    # the gradient: the BCE part's plus w times the Lovász one
+    total.backward()
+    bce_grad = (torch.sigmoid(t(LOGITS_2X2)) - target).flatten() * 2 / 4
+    want = bce_grad + w * torch.tensor(GRAD_2X2)
+    torch.testing.assert_close(logits.grad.flatten(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_combo_lovasz_alone_is_zero_on_a_perfect_prediction():
+    total, parts = ComboLoss({"lovasz": 2.0})(t([3.0, -3.0, 1.5, -1.5]), t(TRUTH_2X2))
+    assert float(total) == 0.0 and parts == {"loss_lovasz": 0.0}
+
+
 def test_combo_gradients_flow():
     logits = torch.randn(2, 1, 8, 8, requires_grad=True)
     target = (torch.rand(2, 1, 8, 8) > 0.7).float()

@@ -111,6 +111,12 @@ GATED_CASES = [
     ([[0] * 5, [0] * 5], [[0] * 5, [0] * 5], [0, 0], 64, (1.0, 0.3, 0.0)),
     # a gate can also hurt: the 4 px true positive is dropped from 0.005 of 1000 px on
     ([[4] * 5], [[4] * 5], [4], 1000, (1.0, 0.3, 0.0)),
+    # on the gate: a predicted area equal to gate x pixels is kept (area >= gate). A 5 px true
+    # positive survives the 0.005 gate (5 px of 1000) that drops a 4 px false positive
+    ([[5] * 5, [0] * 5], [[5] * 5, [4] * 5], [5, 0], 1000, (1.0, 0.3, 0.005)),
+    # ... and a 5 px false positive survives it too: only the 0.01 gate (10 px) drops it, and
+    # keeps the 10 px true positive sitting on that gate
+    ([[10] * 5, [0] * 5], [[10] * 5, [5] * 5], [10, 0], 1000, (1.0, 0.3, 0.01)),
 ]
 
 

@@ -45,6 +45,56 @@ def test_threshold_float_and_uint8_agree():
     np.testing.assert_array_equal(apply_postprocess(u, params), u / 255 > 0.5)
 
 
+# A pixel exactly at the threshold is background: mask = p > t, never p >= t. Float maps with
+# thresholds that are exact binary fractions, and uint8 maps at the levels u = 255 t exactly.
+@pytest.mark.parametrize("t", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_value_at_the_threshold_is_background(t, dtype):
+    above, below = np.nextafter(dtype(t), dtype(1)), np.nextafter(dtype(t), dtype(0))
+    p = np.array([[t, above, below, t]], dtype)
+    m = apply_postprocess(p, {"method": "threshold", "threshold": t, "min_area": 0})
+    np.testing.assert_array_equal(m, [[0, 1, 0, 0]])
+    # triplet: two pixels at T_top and one above: 1 counts, so top_area 2 leaves the image empty
+    trip = {"method": "triplet", "top_threshold": t, "top_area": 2, "bottom_threshold": t}
+    assert apply_postprocess(p, trip).sum() == 0
+    np.testing.assert_array_equal(apply_postprocess(p, {**trip, "top_area": 1}), [[0, 1, 0, 0]])
+
+
+# (threshold, its uint8 level: u / 255 == t exactly)
+U8_LEVELS = [(0.0, 0), (0.2, 51), (0.4, 102), (0.6, 153), (0.8, 204), (1.0, 255)]
+
+
+@pytest.mark.parametrize("t,level", U8_LEVELS)
+def test_uint8_level_at_the_threshold_is_background(t, level):
+    assert level / 255 == t
+    u = np.array([[max(level - 1, 0), level, min(level + 1, 255), level]], np.uint8)
+    want = (u.astype(np.int64) > level).astype(np.uint8)  # only level + 1 (none at t = 1)
+    assert want.sum() == (0 if level == 255 else 1)
+    m = apply_postprocess(u, {"method": "threshold", "threshold": t, "min_area": 0})
+    np.testing.assert_array_equal(m, want)
+    # the float path says the same of the same probabilities
+    f = apply_postprocess(u / 255, {"method": "threshold", "threshold": t, "min_area": 0})
+    np.testing.assert_array_equal(f, want)
+    trip = {"method": "triplet", "top_threshold": t, "top_area": 1, "bottom_threshold": t}
+    np.testing.assert_array_equal(apply_postprocess(u, trip), want)
+
+
+def test_search_counts_pixels_at_the_threshold_as_background():
+    """Truth: 4 px at level 52; 4 more px exactly at 51 (= 0.2): at threshold 0.2 the mask is
+    the truth (Dice 1); counting the level-51 pixels would give 2·4 / (8 + 4)."""
+    u = np.zeros((1, 8, 8), np.uint8)
+    t = np.zeros((1, 8, 8), np.uint8)
+    u[0, 1:3, 1:3] = 52
+    t[0, 1:3, 1:3] = 1
+    u[0, 5:7, 5:7] = 51
+    grids = {"thresholds": [0.2], "min_areas": [0], "top_thresholds": [0.2], "top_areas": [5],
+             "bottom_thresholds": [0.2]}  # fmt: skip
+    for res in (search([(u, t)], grids, 1.0), naive_search([(u, t)], grids, 1.0)):
+        thr = res[res["family"] == "threshold"]["dice"].iloc[0]
+        trip = res[res["family"] == "triplet"]["dice"].iloc[0]
+        assert (thr, trip) == (pytest.approx(1.0), pytest.approx(0.0))  # 4 px < top_area 5
+
+
 def test_min_area_is_scaled_to_the_map_size():
     p = np.zeros((256, 256), np.float32)
     p[10:12, 10:12] = 0.9  # 4 px

@@ -232,6 +232,52 @@ def _layouts(m):
     return [m, np.asfortranarray(m), comp, m.astype(bool), np.asfortranarray(m) * 255]
 
 
+def _views(m):
+    """The mask as views into larger arrays: Fortran-ordered and C-ordered sub-blocks at an
+    unaligned offset, and every second pixel of a twice-as-large array."""
+    h, w = m.shape
+    out = []
+    for order in ("F", "C"):
+        big = np.zeros((h + 3, w + 5), np.uint8, order=order)
+        big[1 : 1 + h, 3 : 3 + w] = m
+        out.append(big[1 : 1 + h, 3 : 3 + w])
+    sparse = np.zeros((2 * h, 2 * w), np.uint8)
+    sparse[::2, ::2] = m
+    return [*out, sparse[::2, ::2]]
+
+
+# (shape, foreground pixels as (row, col), relative RLE, absolute RLE), written by hand from the
+# column-major index col * H + row, for shapes that exercise the encoders' paths: rows of 10, 20
+# and 70 bytes (8-byte words with ragged tails), runs wrapping columns, one-row masks.
+LAYOUT_CASES = [
+    # rows 2..4 of columns 3..5 of a 16x20: starts 3*16+2 = 50, 66, 82
+    ((16, 20), [(r, c) for r in range(2, 5) for c in range(3, 6)], "50 3 13 3 13 3",
+     "51 3 67 3 83 3"),
+    # 9x10: the bottom of column 0 and top of column 1 are one run (7..10), then the last pixel
+    ((9, 10), [(7, 0), (8, 0), (0, 1), (1, 1), (8, 9)], "7 4 78 1", "8 4 90 1"),
+    # 64x70: all of column 0 + 10 px of column 1 (one run of 74), then rows 60..63 of column 69
+    ((64, 70), [(r, 0) for r in range(64)] + [(r, 1) for r in range(10)]
+     + [(r, 69) for r in range(60, 64)], "0 74 4402 4", "1 74 4477 4"),
+    # the diagonal of an 8x8: indices 0, 9, 18, ..., 63
+    ((8, 8), [(i, i) for i in range(8)], "0 1" + " 8 1" * 7,
+     "1 1 10 1 19 1 28 1 37 1 46 1 55 1 64 1"),
+    # one row: the index is the column
+    ((1, 37), [(0, 0), (0, 1), (0, 8), (0, 35), (0, 36)], "0 2 6 1 26 2", "1 2 9 1 36 2"),
+    # the top row of a 3x5: one pixel per column
+    ((3, 5), [(0, c) for c in range(5)], "0 1 2 1 2 1 2 1 2 1", "1 1 4 1 7 1 10 1 13 1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape,pixels,rel,absolute", LAYOUT_CASES, ids=lambda x: str(x)[:12])
+def test_every_layout_gives_the_reference_string(shape, pixels, rel, absolute):
+    m = _mask(shape, pixels)
+    for arr in [*_layouts(m), *_views(m)]:
+        assert rle_encode(arr) == rel, (arr.flags, arr.dtype, arr.strides)
+        assert rle_encode(arr, relative=False) == absolute, (arr.flags, arr.dtype, arr.strides)
+    np.testing.assert_array_equal(rle_decode(rel, shape), m)
+    np.testing.assert_array_equal(rle_decode(absolute, shape, relative=False), m)
+
+
 EDGE_MASKS = [
     np.zeros((7, 9), np.uint8),  # empty
     np.ones((7, 9), np.uint8),  # full

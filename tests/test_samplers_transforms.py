@@ -54,9 +54,71 @@ def test_positive_share_sampler_keeps_all_positives_and_hits_share():
     assert neg_counts.std() / neg_counts.mean() < 0.15
 
 
-def test_share_capped_by_available_negatives():
-    s = PositiveShareSampler([True] * 8 + [False] * 2, [0.1], epochs=1)
-    assert len(s) == 10
+# (positives, negatives, share, images per epoch by hand: every positive + round(P(1 - s)/s)
+# negatives, at most all of them)
+EPOCH_SIZES = [
+    (20, 80, 0.8, 25),
+    (22, 78, 0.75, 22 + 7),  # 7.33 negatives: 7
+    (22, 78, 0.5, 44),
+    (22, 78, 0.2, 100),  # 88 negatives wanted, 78 exist
+    (10, 30, 0.25, 40),
+    (8, 2, 0.1, 10),  # capped: the epoch's share is 0.8, not 0.1
+    (3, 10, 1.0, 3),  # positives only
+]
+
+
+@pytest.mark.parametrize("n_pos,n_neg,share,size", EPOCH_SIZES)
+def test_positive_share_epoch_holds_every_positive_and_the_negatives_by_hand(
+    n_pos, n_neg, share, size
+):
+    labels = np.array([True] * n_pos + [False] * n_neg)
+    np.random.default_rng(0).shuffle(labels)
+    s = PositiveShareSampler(labels, [share], epochs=1, seed=3)
+    idx = list(s)
+    assert len(idx) == len(s) == size
+    assert len(set(idx)) == size and all(0 <= i < len(labels) for i in idx)
+    assert set(np.flatnonzero(labels)) <= set(idx)
+    assert (~labels[idx]).sum() == size - n_pos
+
+
+def test_positive_share_sampler_iterates_by_seed_and_epoch():
+    def epoch(seed, e):
+        s = PositiveShareSampler(LABELS, [0.5], epochs=3, seed=seed)
+        s.set_epoch(e)
+        return list(s)
+
+    assert epoch(1, 0) == epoch(1, 0) and epoch(1, 2) == epoch(1, 2)  # same seed and epoch
+    assert epoch(1, 0) != epoch(2, 0)  # another seed
+    negatives = [set(epoch(1, e)) - set(np.flatnonzero(LABELS)) for e in range(3)]
+    assert all(len(n) == 22 for n in negatives)
+    assert negatives[0] != negatives[1] != negatives[2]  # other negatives every epoch
+    assert epoch(1, 0)[:22] != sorted(epoch(1, 0)[:22])  # shuffled, positives not first
+    assert LABELS[epoch(1, 0)[:44]].mean() == 0.5
+
+
+def test_weighted_sampler_iterates_by_seed_and_epoch():
+    def epoch(seed, e):
+        s = EpochWeightedSampler(LABELS, pos_weight=3.0, seed=seed)
+        s.set_epoch(e)
+        return list(s)
+
+    a = epoch(0, 1)
+    assert len(a) == len(LABELS) and all(0 <= i < len(LABELS) for i in a)
+    assert len(set(a)) < len(a)  # with replacement
+    assert a == epoch(0, 1) and a != epoch(0, 2) and a != epoch(1, 1)
+
+
+def test_sharded_sampler_follows_the_epoch():
+    inner = PositiveShareSampler(LABELS, [0.5], epochs=2, seed=0)
+    shards = [ShardedSampler(inner, 3, r) for r in range(3)]
+    seen = []
+    for e in (0, 1):
+        shards[0].set_epoch(e)  # sets the shared inner sampler's epoch
+        parts = [list(sh) for sh in shards]
+        assert [len(p) for p in parts] == [15, 15, 15]  # 44 padded to 45
+        assert sorted(i for p in parts for i in p) == sorted([*inner, next(iter(inner))])
+        seen.append(parts[0])
+    assert seen[0] != seen[1]
 
 
 def test_sampler_deterministic_and_resumable():
