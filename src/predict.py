@@ -47,6 +47,7 @@ from pneumoseg.errors import (
 )
 from pneumoseg.locks import exclusive, lock_file_for
 from pneumoseg.predictor import Predictor
+from pneumoseg.safe_text import safe_id
 
 log = logging.getLogger("pneumoseg.predict")
 
@@ -120,6 +121,9 @@ def run_submission(cfg: dict, args) -> Path:
     relative = (args.rle or cfg["predict"]["rle"]) == "relative"
     allow_missing = bool(args.allow_missing or cfg["predict"]["allow_missing"])
 
+    # models and tuning first: a stale tuning or a broken model is refused before the test cache
+    # (minutes on the real test set) is built
+    predictor = Predictor(cfg, relative)
     cache = build_cache(cfg, "test")
     man = cache.manifest
     ok = cache.done != FAILED
@@ -157,7 +161,6 @@ def run_submission(cfg: dict, args) -> Path:
         ids, missing = list(index), []
     todo = [i for i in ids if i in index]
 
-    predictor = Predictor(cfg, relative)
     rles: dict[str, str] = {}
     pending: deque = deque()
     n_pos = 0
@@ -238,8 +241,10 @@ def run_images(cfg: dict, args) -> list[tuple[str, str]]:
         for j, path in enumerate(chunk):
             c = None if cls is None else float(cls[j])
             mask, rle = predictor.finish(probs[j], c)
-            image_id = path.stem
-            print(f"{image_id},{rle}", flush=True)
+            # a file name is anyone's text: a UID or plain stem is kept, anything else hashed
+            # (pneumoseg.safe_text), so the CSV row and the overlay's name are always safe
+            image_id = safe_id(path.stem, f"image-{start + j}")
+            print(csv_row_plain(image_id, rle), flush=True)
             out_rows.append((image_id, rle))
             if args.overlay is not None:
                 prob = float(probs[j].max()) if c is None else c
@@ -254,6 +259,16 @@ def run_images(cfg: dict, args) -> list[tuple[str, str]]:
             f"{len(out_rows)} were predicted: {', '.join(bad)}"
         )
     return out_rows
+
+
+def csv_row_plain(image_id: str, rle: str) -> str:
+    """``ImageId,EncodedPixels`` as the csv module writes it (quoted where needed)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow((image_id, rle))
+    return buf.getvalue()
 
 
 def main(argv=None) -> int:

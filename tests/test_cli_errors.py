@@ -54,6 +54,18 @@ class Ctx:
         (p.write_bytes if isinstance(content, bytes) else p.write_text)(content)
         return p
 
+    def hold(self, lock_file: Path) -> None:
+        """Hold ``lock_file`` as a running command would, for the rest of the case."""
+        from pneumoseg.locks import exclusive
+
+        self._held = exclusive(lock_file, "a test")
+        self._held.__enter__()
+
+    def release(self) -> None:
+        if getattr(self, "_held", None) is not None:
+            self._held.__exit__(None, None, None)
+            self._held = None
+
     def copy_runs(self, trained: Path) -> Path:
         shutil.copytree(trained / "runs" / EXP, self.runs / EXP)
         return self.runs / EXP
@@ -85,6 +97,25 @@ def _other_arch(path: Path) -> None:
     good = torch.load(path, weights_only=True)
     cfg = dict(good["config"]["model"], encoder="resnet34", encoder_weights=None)
     torch.save({"state_dict": build_model(cfg).state_dict(), "config": good["config"]}, path)
+
+
+def _other_exp(path: Path) -> None:
+    """fold0's model.pt as if another experiment had trained it (copied in by hand)."""
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"] = {**ckpt["config"], "exp": "someone_else"}
+    torch.save(ckpt, path)
+
+
+def _nan_weights(path: Path) -> None:
+    ckpt = torch.load(path, weights_only=True)
+    key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][key] = torch.full_like(ckpt["state_dict"][key], float("nan"))
+    torch.save(ckpt, path)
+
+
+def _folder_for(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
 
 
 def _truncated(path: Path) -> None:
@@ -282,6 +313,11 @@ CASES = {
     "synthetic: size 16": ("make_synthetic", lambda c, t: ["--out", str(c.tmp / "o"), "--size", "16"], ["size", "32"]),
     "synthetic: out is a file": ("make_synthetic", lambda c, t: ["--out", str(c.file("o", "x")), "--size", "64"], ["not a directory"]),
     # ---- user data is never deleted (demo --fresh, make_synthetic --force)
+    "synthetic: --force on data it did not write": ("make_synthetic", lambda c, t: (c.file("kaggle/train-rle.csv", "ImageId, EncodedPixels\n"), c.file("kaggle/dicom-images-train/a.dcm", b"DICM"), ["--out", str(c.tmp / "kaggle"), "--force", "--size", "64"])[2], ["kaggle", "did not write", "refusing --force, nothing was deleted"]),
+    "demo: data.root holds other data": ("demo", lambda c, t: (c.file("siim/train-rle.csv", "ImageId, EncodedPixels\n"), ["--config", str(c.file("d.yaml", f"data: {{root: {c.tmp / 'siim'}}}\n"))])[1], ["siim", "did not write", "synthetic set only"]),
+    "demo --fresh: data.root holds other data": ("demo", lambda c, t: (c.file("siim/nih_id.csv", "Kaggle_ID,NIH_ID\n"), ["--config", str(c.file("d.yaml", f"data: {{root: {c.tmp / 'siim'}}}\n")), "--fresh"])[1], ["siim", "did not write", "nothing was deleted"]),
+    "demo --fresh: a run trained on other data": ("demo", lambda c, t: (c.file("runs/d/fold0/config.yaml", "data: {root: /elsewhere/siim}\n"), ["--config", str(c.file("d.yaml", f"data: {{root: {c.tmp / 'syn'}}}\ntrain: {{out_dir: {c.tmp / 'runs'}}}\n")), "--fresh"])[1], ["fold0", "not trained on", "nothing was deleted"]),
+    "demo: a submission of other ids": ("demo", lambda c, t: (c.file("subs/d.csv", "ImageId,EncodedPixels\nID_0123456789,-1\n"), ["--config", str(c.file("d.yaml", f"data: {{root: {c.tmp / 'syn'}}}\npredict: {{out_dir: {c.tmp / 'subs'}}}\n"))])[1], ["d.csv", "ids are not the synthetic set's"]),
     # ---- config values: typed, consistent across families, bounded sizes
     "freeze_bn maybe": (T, lambda c, t: ["--config", DEMO, "model.freeze_bn=maybe"], ["model.freeze_bn", "must be bool or null", "maybe"]),
     "depth not a number": (T, lambda c, t: ["--config", DEMO, "model.depth=abc"], ["model.depth", "must be int or null"]),
@@ -297,6 +333,17 @@ CASES = {
     "n_folds 50": ("make_folds", lambda c, t: ["--config", DEMO, "folds.n_folds=50"], ["folds.n_folds", "20"]),
     "predict fp16 on cpu": ("predict", lambda c, t: ["--config", DEMO, "--submission", "train.device=cpu", "predict.amp=fp16"], ["predict.amp", "fp16 needs CUDA"]),
     # ---- runs: divergence, locks, stale tuning, environment faults
+    "lr 1e30 diverges": (T, lambda c, t: ["--config", DEMO, *c.over, "train.lr=1e30", "train.epochs=1", "train.max_steps_per_epoch=2"], ["diverged", "non-finite", "train.lr", "--force"]),
+    "max_bad_steps negative": (T, lambda c, t: ["--config", DEMO, "train.max_bad_steps=-1"], ["train.max_bad_steps", ">= 0"]),
+    "train while another runs": (T, lambda c, t: (c.hold(c.runs / EXP / ".fold0.lock"), ["--config", DEMO, *c.over])[1], ["fold0", "being written by another", "lock file"]),
+    "tune while another runs": ("oof_tune", lambda c, t: (c.copy_runs(t), c.hold(c.runs / EXP / ".postprocess.yaml.lock"), ["--config", DEMO, *c.over])[2], [f"{EXP}", "being written by another"]),
+    "predict while another runs": ("predict", lambda c, t: (c.copy_runs(t), c.hold(c.tmp / f".{EXP}.csv.lock"), ["--config", DEMO, "--submission", *c.over, f"predict.out_dir={c.tmp}"])[2], [f"{EXP}.csv", "being written by another"]),
+    "tuning for another cache size": ("predict", lambda c, t: (c.copy_runs(t), ["--config", DEMO, "--submission", *c.over, "cache.size=96", f"predict.out_dir={c.tmp}"])[1], ["postprocess.yaml", "cache_size", "oof_tune.py"]),
+    "tuning for another blend": ("predict", lambda c, t: (c.copy_runs(t), ["--config", DEMO, "--submission", *c.over, f"predict.experiments=[[{EXP}, 0.5]]", f"predict.out_dir={c.tmp}"])[1], ["postprocess.yaml", "the blend", "--force"]),
+    "model.pt of another experiment": ("predict", lambda c, t: _model_file(c, t, _other_exp), ["fold0/model.pt", "trained as experiment 'someone_else'"]),
+    "model.pt with NaN weights": ("predict", lambda c, t: _model_file(c, t, _nan_weights), ["fold0/model.pt", "non-finite"]),
+    "tuning output is a folder": ("oof_tune", lambda c, t: (_folder_for(c.copy_runs(t) / "oof_grid.csv"), ["--config", DEMO, *c.over, "--force"])[1], ["oof_grid.csv is a folder"]),
+    "init_from with NaN weights": (T, lambda c, t: (_model_file(c, t, _nan_weights), ["--config", DEMO, *c.over, f"train.init_from={c.runs / EXP / 'fold0' / 'model.pt'}", f"exp={EXP}2"])[1], ["train.init_from", "model.pt", "non-finite"]),
 }  # fmt: skip
 
 
@@ -305,8 +352,10 @@ def test_bad_input_is_one_clean_message(name, trained, tmp_path, request):
     script, make_args, expected = CASES[name]
     if "real" in name:
         request.getfixturevalue("real_dir")
-    args = make_args(Ctx(tmp_path, trained), trained)
+    ctx = Ctx(tmp_path, trained)  # kept: a case may hold a lock through it while the script runs
+    args = make_args(ctx, trained)
     code, out = run_cli(script, *args)
+    ctx.release()
     assert code == 2, f"exit {code}:\n{out}"
     assert "Traceback" not in out, out
     errors = [line for line in out.splitlines() if "ERROR" in line or line.startswith("  ")]
@@ -319,7 +368,7 @@ def test_at_least_sixty_cases_over_every_script():
     scripts = {s for s, _, _ in CASES.values()}
     assert len(CASES) >= 60
     assert scripts == {"train", "preprocess", "make_folds", "oof_tune", "predict",
-                       "validate_submission", "make_synthetic"}  # fmt: skip
+                       "validate_submission", "make_synthetic", "demo"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

@@ -541,3 +541,61 @@ def test_unit_stale_source_without_record_only_warns(tmp_path, caplog):
         check_source({"source": {"experiments": [["a", 1.0]], "cache_size": 128}},
                      tmp_path / "pp.yaml", cfg, [("a", 1.0)], [])  # fmt: skip
     assert isinstance(StaleTuningError("x"), ValueError) and issubclass(ModelFileError, ValueError)
+
+
+# ==================================================================================================
+# 7. (predict.py) ids from file names are made safe; the submission CSV neutralises formulas
+# ==================================================================================================
+def test_predict_image_rows_never_carry_a_hostile_file_name(two_exps, tiny_data, tmp_path):
+    from pneumoseg.safe_text import hashed_id
+
+    src = sorted((tiny_data / "data" / "png_images").glob("*.png"))[0]
+    evil = tmp_path / '=HYPERLINK("x"),1.png'
+    plain = tmp_path / "ID_0011fe81e.png"
+    shutil.copy2(src, evil)
+    shutil.copy2(src, plain)
+    code, out = run_cli("predict", "--config", DEMO, "--image", str(evil), "--image", str(plain),
+                        "--overlay", str(tmp_path / "ov"), *_over(tiny_data, two_exps, "exp=p"))  # fmt: skip
+    assert code == 0, out
+    rows = [ln for ln in out.splitlines() if ln.startswith(("sha256-", "ID_"))]
+    safe = hashed_id('=HYPERLINK("x"),1')
+    assert [r.split(",")[0] for r in rows] == [safe, "ID_0011fe81e"], out
+    assert sorted(p.name for p in (tmp_path / "ov").glob("*.png")) == sorted(
+        [f"{safe}.png", "ID_0011fe81e.png"]
+    )
+
+
+def test_submission_rows_neutralise_formulas(tmp_path):
+    import csv
+
+    from pneumoseg.submission import write_submission
+
+    path = write_submission([("=1+1", "-1"), ("a,b\nc", "3 4"), ("ID_1", "-1")], tmp_path / "s.csv")
+    rows = list(csv.reader(path.open(newline="")))
+    assert rows == [
+        ["ImageId", "EncodedPixels"],
+        ["'=1+1", "-1"],
+        ["a,b\nc", "3 4"],
+        ["ID_1", "-1"],
+    ]
+
+
+def test_lock_names_its_holder_and_is_removed_by_it(tmp_path):
+    from pneumoseg.errors import RunLockedError
+    from pneumoseg.locks import exclusive
+
+    lock = tmp_path / ".x.lock"
+    held = _hold_lock(lock)
+    try:
+        with (
+            pytest.raises(RunLockedError, match=rf"process {held.pid} on .*: -c"),
+            exclusive(lock, "the outputs x"),
+        ):
+            pass
+    finally:
+        held.send_signal(signal.SIGKILL)  # killed: its file stays, the kernel's lock does not
+        held.wait()
+    assert lock.exists()
+    with exclusive(lock, "the outputs x"):
+        assert str(os.getpid()) in lock.read_text()
+    assert not lock.exists()  # a holder that finishes removes it

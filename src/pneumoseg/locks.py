@@ -8,8 +8,10 @@ naming the outputs and the process that holds them.
 
 The lock is the kernel's (``fcntl.flock``; ``msvcrt.locking`` on Windows), not the file's
 existence: it is released when the holder exits in any way, ``kill -9`` and crashes included, so
-a lock is never stale. The file itself stays (a few bytes: who held it last); deleting it could
-let a third process lock a new file while a second still holds the old one.
+a lock is never stale (a file left by a killed holder is simply locked again). The holder removes
+the file when it is done; a process that locked a file just removed checks, once it holds the
+lock, that the path still names the file it locked, and otherwise tries again: so two processes
+can never each hold "the" lock through different files.
 """
 
 from __future__ import annotations
@@ -73,14 +75,8 @@ def exclusive(lock_file: str | Path, what: str) -> Iterator[Path]:
     ``what``, the outputs it guards, and the holder) when another process has it."""
     path = Path(lock_file)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _acquire(path, what)
     try:
-        if not _try_lock(fd, path):
-            raise RunLockedError(
-                f"{what} is being written by another pneumoseg command ({_holder(path)}). Wait "
-                "for it to finish or stop it, then run this again: two commands writing the same "
-                f"outputs would mix them (lock file {path}; released when that process exits)"
-            )
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -92,7 +88,30 @@ def exclusive(lock_file: str | Path, what: str) -> Iterator[Path]:
         os.write(fd, json.dumps(info).encode())
         yield path
     finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # still locked: nobody can be between its open and its lock here
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _acquire(path: Path, what: str) -> int:
+    """An open descriptor of ``path`` holding its lock (the file the path names right now)."""
+    for _ in range(100):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd, path):
+            os.close(fd)
+            raise RunLockedError(
+                f"{what} is being written by another pneumoseg command ({_holder(path)}). Wait "
+                "for it to finish or stop it, then run this again: two commands writing the same "
+                f"outputs would mix them (lock file {path}; released when that process exits)"
+            )
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # we locked a file its holder removed as it finished: lock the new one
+    raise RunLockedError(f"{what}: could not take the lock file {path}: it keeps being replaced")
 
 
 def lock_file_for(target: str | Path) -> Path:

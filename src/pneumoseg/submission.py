@@ -30,6 +30,7 @@ from pneumoseg.rle import (
     rle_decode,
     union_mask,
 )
+from pneumoseg.safe_text import neutralise
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,10 @@ def write_submission(
             image_id = str(image_id).strip()
             if not image_id:
                 raise ValueError("write_submission: empty ImageId")
-            writer.writerow((image_id, EMPTY if is_empty_rle(rle) else str(rle).strip()))
+            # the csv module quotes commas, quotes and line breaks; a leading = + - @ would
+            # still be a spreadsheet formula (no real Kaggle id starts so)
+            rle = EMPTY if is_empty_rle(rle) else str(rle).strip()
+            writer.writerow((neutralise(image_id), rle))
             n += 1
     log.info("wrote %s (%d rows)", path, n)
     return path
