@@ -92,6 +92,7 @@ bench: install
 strip-notebooks: install
 	$(PY) tools/strip_notebook.py notebooks/*.ipynb
 
-# Removes only what `make demo` made.
-clean-demo:
-	rm -rf data/synthetic cache/synthetic_* cache/synthetic-png_* runs/demo folds/demo_folds.csv submissions/demo.csv
+# Removes only what `make demo` made from its synthetic data, after checking each item (see
+# src/demo.py): anything else there (real data, another run) is refused and nothing is deleted.
+clean-demo: install
+	$(PY) src/demo.py --clean

@@ -7,7 +7,10 @@ summary (CV Dice per fold, the tuned post-processing, submission Dice, wall time
 
 Re-running continues where it stopped: the dataset, cache and folds are reused, finished folds are
 skipped and an interrupted fold resumes from its ``last.pt``. ``--fresh`` removes the demo's
-outputs first (the outputs of ``make demo`` only; nothing else). Subprocesses run only this
+outputs first, ``--clean`` (``make clean-demo``) removes them and stops. Before anything runs or
+is removed, every output is checked to be the demo's (``pneumoseg.demo_outputs``): a data folder
+without the synthetic generator's marker, a run trained on other data, a submission of other
+ids... are refused (exit 2), and nothing is deleted. Subprocesses run only this
 repository's own scripts, with ``sys.executable`` and a fixed argv (hence the ``nosec`` marks).
 """
 
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import subprocess  # nosec B404
 import sys
 import time
@@ -44,7 +46,7 @@ def run_stage(stage: str, script: str, *args: str, timings: dict) -> None:
         )
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--config",
@@ -52,53 +54,69 @@ def main(argv=None) -> int:
         help=f"demo config (default {CONFIG}); a blend "
         "config (predict.experiments) tunes and predicts its trained members",
     )
-    ap.add_argument("--fresh", action="store_true", help="remove the demo's outputs first")
+    what = ap.add_mutually_exclusive_group()
+    what.add_argument("--fresh", action="store_true", help="remove the demo's outputs first")
+    what.add_argument(
+        "--clean", action="store_true", help="remove the demo's outputs and stop (make clean-demo)"
+    )
     ap.add_argument("--n-train", type=int, default=300)
     ap.add_argument("--n-test", type=int, default=60)
     add_debug(ap)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from pneumoseg.config import load_config
+    from pneumoseg.demo_outputs import check, demo_outputs, remove
     from pneumoseg.inference import experiment_list
 
-    config = args.config
-    cfg = load_config(REPO / config)
+    cfg = load_config(REPO / args.config)
     members = experiment_list(cfg)
+    outs = demo_outputs(cfg, REPO, [exp for exp, _ in members], planned_set(args))
+    # Every output is checked to be the demo's before anything runs or goes (a config may point
+    # data.root at a real Kaggle folder, or train.out_dir at another experiment's results).
+    mode = "clean" if args.clean else "fresh" if args.fresh else "run"
+    check(outs, mode)
+    if mode != "run":
+        gone = remove(outs)
+        log.info(
+            "removed %d output(s) of the demo (a user's files among them were kept)", len(gone)
+        )
+        if mode == "clean":
+            return 0
+    run_pipeline(args, cfg, members, outs.root)
+    return 0
+
+
+def planned_set(args: argparse.Namespace) -> dict:
+    """The synthetic set's plan the demo generates: its sizes, the generator's other defaults."""
+    import inspect
+
+    from pneumoseg.synthetic import PLAN_KEYS, write_dataset
+
+    defaults = {k: p.default for k, p in inspect.signature(write_dataset).parameters.items()}
+    plan = {**defaults, "n_train": args.n_train, "n_test": args.n_test}
+    return {k: plan[k] for k in PLAN_KEYS}
+
+
+def run_pipeline(args: argparse.Namespace, cfg: dict, members, root: Path) -> None:
+    from pneumoseg.synthetic import INFO
+
+    config = args.config
     blend = members != [(cfg["exp"], 1.0)]
-    root = REPO / cfg["data"]["root"]
     runs = REPO / cfg["train"]["out_dir"] / cfg["exp"]
     sub = REPO / cfg["predict"]["out_dir"] / f"{cfg['exp']}.csv"
-    if args.fresh:
-        for p in (
-            root,
-            runs,
-            REPO / cfg["folds"]["file"],
-            sub,
-            *(REPO / "cache").glob("synthetic*"),
-        ):
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
-
-    if not (root / "synthetic_info.json").is_file():
-        run_stage(
-            "synthetic data",
-            "make_synthetic",
-            "--out",
-            str(root),
-            "--n-train",
-            str(args.n_train),
-            "--n-test",
-            str(args.n_test),
-            "--size",
-            str(cfg["data"]["original_size"]),
-            *(["--force"] if root.exists() else []),
-            timings=timings,
-        )
+    if not (root / INFO).is_file():
+        # --force only rebuilds the generator's own folder (checked above), around a user's files
+        again = ["--force"] if root.is_dir() and any(root.iterdir()) else []
+        run_stage("synthetic data", "make_synthetic", "--out", str(root),
+                  "--n-train", str(args.n_train), "--n-test", str(args.n_test),
+                  "--size", str(cfg["data"]["original_size"]), *again, timings=timings)  # fmt: skip
     run_stage("preprocess", "preprocess", "--config", config, "--split", "all", timings=timings)
     run_stage("folds", "make_folds", "--config", config, timings=timings)
     if blend:
@@ -110,23 +128,14 @@ def main(argv=None) -> int:
             continue
         resume = ["--resume"] if fold.exists() else []
         run_stage("train", "train", "--config", config, "--fold", str(k), *resume, timings=timings)
-    # The demo owns runs/demo and submissions/demo.csv: it may replace its own earlier results.
+    # The checks above found runs/<exp> and the submission to be the demo's: it may replace them.
     run_stage("tune", "oof_tune", "--config", config, "--force", timings=timings)
     run_stage("predict", "predict", "--config", config, "--submission", "--force", timings=timings)
     sample = root / cfg["data"]["sample_submission"]
-    run_stage(
-        "validate",
-        "validate_submission",
-        str(sub),
-        "--sample",
-        str(sample),
-        "--shape",
-        str(cfg["data"]["original_size"]),
-        timings=timings,
-    )
+    run_stage("validate", "validate_submission", str(sub), "--sample", str(sample),
+              "--shape", str(cfg["data"]["original_size"]), timings=timings)  # fmt: skip
     timings["total"] = time.perf_counter() - t_all
     summary(cfg, root, runs, sub, timings)
-    return 0
 
 
 def check_members(cfg: dict, members) -> None:
@@ -160,6 +169,11 @@ def machine() -> str:
     )
 
 
+def shown(path: Path) -> Path:
+    """``path`` relative to the repository when it lies inside it (the demo's own layout)."""
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
 def summary(cfg: dict, root: Path, runs: Path, sub: Path, timings: dict) -> None:
     import pandas as pd
     import yaml
@@ -188,9 +202,9 @@ def summary(cfg: dict, root: Path, runs: Path, sub: Path, timings: dict) -> None
     lines.append(table.to_string(float_format=lambda v: f"{v:.4f}"))
     keys = (*PARAM_KEYS, "cv_dice")
     setting = ", ".join(f"{k}={params[k]}" for k in keys if params.get(k) is not None)
-    lines.append(f"Tuned post-processing ({runs.relative_to(REPO)}/postprocess.yaml): {setting}")
+    lines.append(f"Tuned post-processing ({shown(runs / 'postprocess.yaml')}): {setting}")
     lines.append(
-        f"Submission {sub.relative_to(REPO)} vs the synthetic test truth ({scores['n']} images): "
+        f"Submission {shown(sub)} vs the synthetic test truth ({scores['n']} images): "
         f"mean Dice {scores['dice']:.4f} (all-empty baseline {empty_baseline:.4f}), "
         f"Dice on positives {scores['pos_dice']:.4f}"
     )

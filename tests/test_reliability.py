@@ -599,3 +599,30 @@ def test_lock_names_its_holder_and_is_removed_by_it(tmp_path):
     with exclusive(lock, "the outputs x"):
         assert str(os.getpid()) in lock.read_text()
     assert not lock.exists()  # a holder that finishes removes it
+
+
+def test_a_second_cache_build_waits_for_the_first_then_reuses_it(tiny_data, tmp_path, caplog):
+    """Two builders of one cache (preprocess.py and predict.py, two terminals): the second waits
+    for the lock, then finds the cache built; neither writes the arrays while the other does."""
+    import logging
+    import threading
+
+    from pneumoseg.cache import build_cache, cache_dir
+    from pneumoseg.config import load_config
+    from pneumoseg.locks import exclusive, lock_file_for
+
+    over = [*tiny_overrides(tiny_data), f"cache.dir={tmp_path / 'cache'}"]
+    cfg = load_config(REPO / "configs" / "demo.yaml", over)
+    path = cache_dir(cfg, "test")
+    result = {}
+    caplog.set_level(logging.INFO, logger="pneumoseg.locks")
+    with exclusive(lock_file_for(path), "a test"):  # another builder holds it
+        worker = threading.Thread(target=lambda: result.update(c=build_cache(cfg, "test")))
+        worker.start()
+        worker.join(timeout=2.0)
+        assert worker.is_alive() and not path.exists()  # waiting, nothing written
+        assert "waiting for process" in caplog.text
+    worker.join(timeout=120)
+    assert result["c"].last_build["processed"] == 6
+    assert build_cache(cfg, "test").last_build["skipped"] == 6  # the next one reuses it
+    assert not lock_file_for(path).exists()

@@ -17,8 +17,10 @@ from pneumoseg.rle import read_rle_csv, rle_decode, union_mask
 from pneumoseg.synthetic import (
     INFO,
     JPEG_BASELINE,
+    MARKER,
     generate_case,
     plan_dataset,
+    read_marker,
     render_record,
     write_dataset,
 )
@@ -287,14 +289,65 @@ def test_refuses_overwrite(tmp_path):
     out = tmp_path / "d"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError):
+    for force in (False, True):  # not the generator's folder: --force does not help either
+        with pytest.raises(FileExistsError, match="did not write"):
+            write_dataset(out, n_train=2, n_test=1, size=64, force=force)
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    write_dataset(out, n_train=2, n_test=1, size=64)
+    with pytest.raises(FileExistsError, match="--force"):
         write_dataset(out, n_train=2, n_test=1, size=64)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    write_dataset(out, n_train=2, n_test=1, size=64, force=True)
+    (out / "keep.txt").write_text("mine")  # a user's file in the generator's folder
     write_dataset(out, n_train=3, n_test=1, size=64, force=True, png=False)  # rebuild
     assert (out / "keep.txt").read_text() == "mine"  # only the generator's own outputs go
     assert not (out / "png_images").exists()
     assert len(list((out / "dicom-images-train").rglob("*.dcm"))) == 3
+    assert read_marker(out) == dict(n_train=3, n_test=1, seed=0, positive_rate=0.22, png=False)
+
+
+def test_marker_written_first(tmp_path, monkeypatch):
+    """An interrupted generation is still the generator's: its marker precedes every data file."""
+    import pneumoseg.synthetic as syn
+
+    written = []
+    real = syn._write_case
+
+    def write_case(rec, out, *args):
+        written.append(sorted(p.name for p in out.iterdir()))
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        return real(rec, out, *args)
+
+    monkeypatch.setattr(syn, "_write_case", write_case)
+    out = tmp_path / "d"
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(out, n_train=4, n_test=1, size=64, seed=5)
+    assert written[0] == [MARKER]
+    assert not (out / INFO).exists() and read_marker(out)["seed"] == 5
+    monkeypatch.undo()
+    write_dataset(out, n_train=2, n_test=1, size=64, force=True)  # recognised: rebuilt
+    assert len(list((out / "dicom-images-train").rglob("*.dcm"))) == 2
+
+
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        (MARKER, "not json"),
+        (MARKER, '{"generator": "someone.else", "n_train": 1, "n_test": 1, "seed": 0}'),
+        (MARKER, '{"generator": "pneumoseg.synthetic", "n_train": -1, "n_test": 1, "seed": 0}'),
+        (INFO, '{"generator": "pneumoseg.synthetic", "seed": 0}'),  # no counts: not a finished set
+        (INFO, '{"generator": "kaggle", "train": {"images": 1}, "test": {"images": 1}}'),
+    ],
+)
+def test_marker_must_be_the_generators(tmp_path, name, content):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / name).write_text(content)
+    (out / "train-rle.csv").write_text("ImageId, EncodedPixels\n")
+    assert read_marker(out) is None
+    with pytest.raises(FileExistsError, match="nothing was deleted"):
+        write_dataset(out, n_train=2, n_test=1, size=64, force=True)
+    assert (out / "train-rle.csv").read_text() == "ImageId, EncodedPixels\n"
 
 
 def test_cli(tmp_path):
@@ -310,3 +363,10 @@ def test_cli(tmp_path):
     assert r.returncode != 0 and "--force" in r.stderr
     r = subprocess.run([*cmd, "--force"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    (out / MARKER).unlink()  # nor the marker, nor synthetic_info.json: not the generator's folder
+    (out / INFO).unlink()
+    before = _hashes(out)
+    r = subprocess.run([*cmd, "--force"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "nothing was deleted" in r.stderr and str(out) in r.stderr
+    assert _hashes(out) == before

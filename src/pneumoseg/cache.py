@@ -35,7 +35,9 @@ counts) and the size: a cache built from another manifest or size is rebuilt wit
 (``cache.rebuild_on_change``) or reported as an error, never silently reused. A damaged file
 raises :class:`CacheError` naming it (``open_cache``) or is repaired by the next build (an
 unreadable ``manifest.csv`` is rewritten, an unreadable ``done.npy`` means every entry is redone,
-damaged arrays a rebuild).
+damaged arrays a rebuild). A rebuild deletes files only in a folder marked as a cache (its
+``.pneumoseg-cache`` marker, written before any cache file, or for older caches their meta.json):
+files of the same names that the cache did not write are refused (``CacheError``), never replaced.
 
 **Failed images** — an image that cannot be decoded is flagged FAILED (its arrays stay zero) and
 retried by every build. With ``data.strict`` false the cache opens anyway (``open_cache_for``
@@ -67,6 +69,7 @@ from pneumoseg.data import build_manifest, dataset_name, load_manifest, read_ima
 from pneumoseg.data import save_manifest as _save_manifest
 from pneumoseg.errors import CacheError, DiskSpaceError
 from pneumoseg.io import atomic_save, atomic_write
+from pneumoseg.locks import exclusive, lock_file_for
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,10 @@ IMAGE_INTERP = "INTER_AREA"
 MASK_INTERP = "INTER_AREA coverage >= 0.5"
 TODO, DONE, FAILED = 0, 1, 2
 _FILES = ("meta.json", "done.npy", "images.npy", "masks.npy", "manifest.csv")
+# Written first into a cache folder (before any of _FILES): only a folder that carries it (or, for
+# caches built before it existed, a cache's meta.json) has its files deleted on a rebuild.
+CACHE_MARKER = ".pneumoseg-cache"
+CACHE_GENERATOR = "pneumoseg.cache"
 _SHOW = 5
 _RERUN = "run src/preprocess.py again (add --force if that does not fix it)"
 _BLOCK = 4096  # allocation granularity assumed for the disk-space estimates
@@ -274,8 +281,86 @@ def _create_array(path: Path, shape: tuple[int, ...]) -> None:
     os.replace(tmp, path)
 
 
+def cache_owner(path: str | Path) -> dict | None:
+    """``{"root", "dataset", "split"}`` of the cache this module built in folder ``path``, from its
+    marker (or, for caches built before the marker existed, its meta.json); None when ``path``
+    carries neither: then its files are not the cache's to delete."""
+    path = Path(path)
+    for name in (CACHE_MARKER, "meta.json"):
+        try:
+            data = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # missing, unreadable, not JSON
+            continue
+        if not isinstance(data, dict):
+            continue
+        if name == CACHE_MARKER:
+            ours = data.get("generator") == CACHE_GENERATOR
+        else:  # a cache's meta.json
+            ours = "fingerprint" in data and "version" in data
+        if ours:
+            return {k: data.get(k) for k in ("root", "dataset", "split")}
+    return None
+
+
+def _claim(path: Path, meta: dict) -> None:
+    """Before a (re)build deletes anything in ``path``: refuse files the cache did not write,
+    then mark the folder as the cache's (before any cache file is written)."""
+    present = [name for name in _FILES if os.path.lexists(path / name)]
+    if present and cache_owner(path) is None:
+        raise CacheError(
+            f"{path} holds {', '.join(present)} that the cache did not write (no {CACHE_MARKER} "
+            "marker, no cache meta.json): nothing was deleted; move them away or point cache.dir "
+            "at another folder"
+        )
+    root = meta.get("root")
+    marker = {
+        "generator": CACHE_GENERATOR,
+        "version": CACHE_VERSION,
+        "dataset": meta["dataset"],
+        "split": meta["split"],
+        "root": str(Path(str(root)).resolve()),  # absolute: the builder's working folder is gone
+    }
+    with atomic_write(path / CACHE_MARKER, "w", encoding="utf-8") as fh:
+        json.dump(marker, fh, indent=1)
+
+
+def _is_cache_temp(name: str) -> bool:
+    """The temp names this module writes: ``.images.npy.tmp`` and ``atomic_write``'s
+    ``.<file>.XXXX.tmp`` of its own files."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    target = name[1:-4]
+    return target in _FILES or target.rsplit(".", 1)[0] in (*_FILES, CACHE_MARKER)
+
+
+def remove_cache(path: str | Path) -> list[str]:
+    """Delete the cache in folder ``path`` (its files, temp files and marker; then the folder once
+    empty). Files the cache did not write stay; their names are returned. A folder that is not
+    a cache (:func:`cache_owner`) is refused with :class:`CacheError`, nothing deleted."""
+    path = Path(path)
+    if cache_owner(path) is None:
+        raise CacheError(
+            f"{path} is not a cache this pipeline built (no {CACHE_MARKER} marker, no cache "
+            "meta.json): nothing was deleted"
+        )
+    for name in _FILES:  # meta.json first: a half-removed cache never looks valid
+        with contextlib.suppress(FileNotFoundError):
+            (path / name).unlink()
+    for entry in path.iterdir():
+        if _is_cache_temp(entry.name) and not entry.is_dir():
+            entry.unlink()
+    (path / CACHE_MARKER).unlink(missing_ok=True)
+    left = sorted(p.name for p in path.iterdir())
+    if left:
+        log.warning("%s: left in place (not written by the cache): %s", path, left[:_SHOW])
+    else:
+        path.rmdir()
+    return left
+
+
 def _init(path: Path, manifest: pd.DataFrame, meta: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
+    _claim(path, meta)
     for name in _FILES:  # meta.json first: a half-reset cache never looks valid
         with contextlib.suppress(FileNotFoundError):
             (path / name).unlink()
@@ -631,6 +716,16 @@ def build_cache(
     if len(manifest) == 0:
         raise CacheError(f"the {split} manifest is empty: nothing to cache")
     path = cache_dir(cfg, split, size)
+    # One builder at a time (preprocess.py, predict.py, a second terminal): the next one waits,
+    # then finds the cache built and reuses it instead of writing the same arrays at once.
+    with exclusive(lock_file_for(path), f"the cache {path}", wait=True):
+        return _build_locked(cfg, split, path, manifest, force, n_jobs, chunk_size, on_written)
+
+
+def _build_locked(cfg, split, path, manifest, force, n_jobs, chunk_size, on_written) -> Cache:
+    """:func:`build_cache` while holding the cache's lock."""
+    ccfg, dcfg = cfg["cache"], cfg["data"]
+    size = int(ccfg["size"])
     meta = _meta(manifest, size, cfg, split)
     n = len(manifest)
 

@@ -70,12 +70,14 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: str | Path, what: str) -> Iterator[Path]:
+def exclusive(lock_file: str | Path, what: str, wait: bool = False) -> Iterator[Path]:
     """Hold the exclusive lock ``lock_file`` while the block runs; :class:`RunLockedError` (naming
-    ``what``, the outputs it guards, and the holder) when another process has it."""
+    ``what``, the outputs it guards, and the holder) when another process has it, or with
+    ``wait`` wait for it (said once in the log): for outputs a second command would find
+    finished and reuse, such as a cache."""
     path = Path(lock_file)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(path, what)
+    fd = _wait_for(path, what) if wait else _acquire(path, what)
     try:
         info = {
             "pid": os.getpid(),
@@ -91,6 +93,19 @@ def exclusive(lock_file: str | Path, what: str) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             path.unlink()  # still locked: nobody can be between its open and its lock here
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _wait_for(path: Path, what: str, poll: float = 0.5) -> int:
+    """:func:`_acquire`, polling while another process holds the lock."""
+    told = False
+    while True:
+        try:
+            return _acquire(path, what)
+        except RunLockedError:
+            if not told:
+                log.info("%s: waiting for %s to finish it", what, _holder(path))
+                told = True
+            time.sleep(poll)
 
 
 def _acquire(path: Path, what: str) -> int:

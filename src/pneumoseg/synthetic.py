@@ -17,17 +17,25 @@ overlap).
 Everything is deterministic from the seed: each case draws from its own generator
 (``default_rng([seed, split, index])``), UIDs and UUIDs derive from the seed, dates are fixed and
 no timestamp is written, so the same seed gives byte-identical files, serial or parallel.
+
+Ownership: the generator writes its marker ``.pneumoseg-synthetic`` (the plan parameters) into
+the folder before any data file, and only ever deletes in a folder that carries it (or the
+``synthetic_info.json`` of a set finished by an earlier version), and there only the files that
+plan names. A folder holding anything else is refused, ``--force`` or not: real data is never
+touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
-import shutil
+import os
 import uuid
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +49,8 @@ from pneumoseg.rle import rle_encode
 
 log = logging.getLogger(__name__)
 
-# Outputs this module writes under ``out`` (``--force`` removes exactly these, nothing else).
+# Outputs this module writes under ``out``. ``--force`` removes only the files of these that the
+# previous set's plan names (see remove_generated), nothing else.
 TRAIN_DIR = "dicom-images-train"
 TEST_DIR = "dicom-images-test"
 PNG_IMAGES = "png_images"
@@ -66,6 +75,13 @@ OUTPUTS = (
     PNG_TEST_CSV,
     INFO,
 )
+OUTPUT_DIRS = (TRAIN_DIR, TEST_DIR, PNG_IMAGES, PNG_MASKS)
+# Written first, before any data file: a folder that carries it (or, from before the marker
+# existed, the generator's synthetic_info.json) is the generator's, and only such a folder is ever
+# cleared. JSON: the generator, a version and the plan parameters, which name every file written.
+MARKER = ".pneumoseg-synthetic"
+GENERATOR = "pneumoseg.synthetic"
+PLAN_KEYS = ("n_train", "n_test", "seed", "positive_rate", "png")
 
 UID_ROOT = "1.2.276.0.7230010.3.1"  # the competition's UID root (…3.1.{2,3,4}.8323329.n.t.r)
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -703,22 +719,195 @@ def _write_csv(path: Path, header: str, lines: list[str]) -> None:
             fh.write(line + "\n")
 
 
-def _prepare_out(out: Path, force: bool) -> None:
+# --------------------------------------------------------------------------------------------------
+# ownership: the marker, and removing exactly what the generator wrote
+# --------------------------------------------------------------------------------------------------
+def _plan_params(data: Any) -> dict[str, Any] | None:
+    """The plan parameters recorded in a marker (or in a finished set's ``synthetic_info.json``),
+    or None when ``data`` is not the generator's record."""
+    if not isinstance(data, dict) or data.get("generator") != GENERATOR:
+        return None
+    if "n_train" not in data:  # synthetic_info.json: the counts are in its summary
+        try:
+            data = {**data, "n_train": data["train"]["images"], "n_test": data["test"]["images"]}
+        except (KeyError, TypeError):
+            return None
+    params = {k: data.get(k) for k in PLAN_KEYS}
+    ints = [params[k] for k in ("n_train", "n_test", "seed")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+        return None
+    rate = params["positive_rate"]
+    if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0.0 <= rate <= 1.0:
+        return None
+    if not isinstance(params["png"], bool):
+        return None
+    return params
+
+
+def read_marker(out: str | Path) -> dict[str, Any] | None:
+    """The plan parameters (:data:`PLAN_KEYS`) of the synthetic set in ``out``, or None when the
+    folder carries no marker of this generator.
+
+    The marker :data:`MARKER` is written before any data file, so an interrupted generation is
+    recognised too; folders written before it existed are recognised by their finished set's
+    ``synthetic_info.json``. Anything else is data the generator did not write.
+    """
+    out = Path(out)
+    for name in (MARKER, INFO):
+        try:
+            params = _plan_params(json.loads((out / name).read_text(encoding="utf-8")))
+        except (OSError, ValueError):  # missing, a folder, unreadable, not JSON
+            continue
+        if params is not None:
+            return params
+    return None
+
+
+def synthetic_ids(params: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """``(train ids, test ids)`` of the set the plan parameters describe (nothing is rendered)."""
+    records = plan_dataset(
+        params["n_train"], params["n_test"], params["seed"], params["positive_rate"]
+    )
+    train = [r["image_id"] for r in records if r["split"] == "train"]
+    return train, [r["image_id"] for r in records if r["split"] == "test"]
+
+
+def generated_files(params: Mapping[str, Any]) -> set[str]:
+    """Every file (POSIX path relative to ``out``) the generator writes for ``params``.
+
+    A PNG's name holds whether the case drew a mask, known only once it is rendered: both
+    spellings of each case's name are listed (the generator writes one of them).
+    """
+    records = plan_dataset(
+        params["n_train"], params["n_test"], params["seed"], params["positive_rate"]
+    )
+    files = {name for name in OUTPUTS if name not in OUTPUT_DIRS}
+    for rec in records:
+        files.add(dicom_relpath(rec))
+        if params["png"]:
+            for has in (0, 1):
+                files.update(f"{d}/{png_name(rec, has)}" for d in (PNG_IMAGES, PNG_MASKS))
+    return files
+
+
+def _is_ours(rel: str, files: set[str]) -> bool:
+    """``rel`` is a generated file, or the temp file of one (``atomic_write``: ``.name.XXXX.tmp``)."""
+    if rel in files:
+        return True
+    folder, _, name = rel.rpartition("/")
+    if not (name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3):
+        return False
+    target = name[1:-4].rsplit(".", 1)[0]
+    return (f"{folder}/{target}" if folder else target) in files
+
+
+def remove_generated(out: str | Path, params: Mapping[str, Any]) -> list[str]:
+    """Delete the files the generator wrote into ``out`` for ``params`` (and its temp files), then
+    the generator's folders left empty; everything else stays. Returns the names left in ``out``
+    (the marker aside).
+
+    ``synthetic_info.json`` goes first, so a half-removed set never looks complete.
+    """
+    out = Path(out)
+    (out / INFO).unlink(missing_ok=True)
+    files = generated_files(params)
+    for top in OUTPUTS:
+        path = out / top
+        if path.is_symlink() or not path.is_dir():
+            if not path.is_symlink() and path.is_file() and top in files:
+                path.unlink()
+            continue
+        # bottom-up, not following links: a folder is removed only once it is empty
+        for parent, _dirs, names in os.walk(path, topdown=False):
+            rel_parent = Path(parent).relative_to(out).as_posix()
+            for name in names:
+                if _is_ours(f"{rel_parent}/{name}", files):
+                    os.unlink(os.path.join(parent, name))
+            with contextlib.suppress(OSError):  # not empty: someone else's files are inside
+                os.rmdir(parent)
+    for entry in out.iterdir():  # temp files of the top-level CSVs (a killed run)
+        if entry.is_file() and not entry.is_symlink() and _is_ours(entry.name, files):
+            entry.unlink()
+    return sorted(p.name for p in out.iterdir() if p.name != MARKER)
+
+
+def remove_dataset(out: str | Path) -> list[str]:
+    """Remove a synthetic set the generator wrote (``make clean-demo``, ``demo.py --fresh``):
+    its files, then its marker and ``out`` itself once nothing else is left in it. Returns the
+    names of the other files left in place. Refuses a folder without the marker."""
+    out = Path(out)
+    params = owned_params(out)
+    _write_marker(out, params)  # an interrupted removal stays recognisable
+    left = remove_generated(out, params)
+    if left:
+        log.warning("%s: left in place (not written by the generator): %s", out, left[:5])
+        return left
+    (out / MARKER).unlink()
+    out.rmdir()
+    return []
+
+
+def owned_params(out: str | Path, what: str = "nothing was deleted") -> dict[str, Any]:
+    """The plan parameters of the generator's set in the non-empty folder ``out``; raises
+    :class:`OutputExistsError` saying why (and ``what`` happened) when ``out`` holds data the
+    generator did not write: no marker, or a symbolic link among its names."""
+    out = Path(out)
+    params = read_marker(out)
+    if params is None:
+        raise OutputExistsError(_not_ours(out, what))
+    _check_links(out)
+    return params
+
+
+def _not_ours(out: Path, what: str) -> str:
+    return (
+        f"{out} is not empty and holds data the synthetic generator did not write (it carries "
+        f"no {MARKER} marker and no {INFO} of the generator): {what}. Choose another --out "
+        "(or data.root), or remove that folder yourself if its data is no longer needed"
+    )
+
+
+def _check_links(out: Path) -> None:
+    """The generator never writes symbolic links: one among its names points at someone else's
+    data, which neither a removal nor a rebuild may touch."""
+    links = [name for name in (*OUTPUTS, MARKER) if (out / name).is_symlink()]
+    if links:
+        raise OutputExistsError(
+            f"{out}: {', '.join(links)} is a symbolic link, which the synthetic generator never "
+            "writes: nothing was deleted; remove the link yourself or choose another --out"
+        )
+
+
+def _write_marker(out: Path, params: Mapping[str, Any]) -> None:
+    with atomic_write(out / MARKER, "w", encoding="utf-8") as fh:
+        json.dump({"generator": GENERATOR, "version": 1, **params}, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+
+
+def _prepare_out(out: Path, force: bool, params: Mapping[str, Any]) -> None:
+    """Claim ``out`` for a new set: refuse a folder holding data the generator did not write
+    (even with ``force``); with ``force`` remove the previous set's own files; then write the
+    marker, before any data file."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory: choose another --out")
     if out.is_dir() and any(out.iterdir()):
+        what = (
+            "refusing --force, nothing was deleted"
+            if force
+            else "nothing was deleted (--force would not change that: only a folder the generator wrote is rebuilt)"
+        )
+        old = owned_params(out, what)
         if not force:
-            raise OutputExistsError(f"{out} is not empty; pass force=True (--force) to rebuild it")
-        for name in OUTPUTS:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-        left = sorted(p.name for p in out.iterdir())
+            raise OutputExistsError(
+                f"{out} is not empty; pass force=True (--force) to rebuild it (only the "
+                "generator's own files are replaced)"
+            )
+        _write_marker(out, old)  # a folder of an older version gets its marker before removal
+        left = remove_generated(out, old)
         if left:
-            log.warning("%s: leaving %d unrelated entries in place: %s", out, len(left), left[:5])
+            log.warning("%s: left in place (not written by the generator): %s", out, left[:5])
     out.mkdir(parents=True, exist_ok=True)
+    _write_marker(out, params)
 
 
 def write_dataset(
@@ -735,17 +924,20 @@ def write_dataset(
 ) -> dict[str, Any]:
     """Write a synthetic data set in the Kaggle SIIM layout under ``out``; return a summary dict.
 
-    Refuses a non-empty ``out`` unless ``force`` (which deletes only this module's outputs, then
-    rebuilds). Every file is written atomically; ``synthetic_info.json`` is written last. The
-    files depend only on the arguments (not on ``workers``).
+    Refuses a non-empty ``out`` unless ``force``; even then, a folder without the generator's
+    marker (:data:`MARKER`, written first) is refused and nothing in it is touched, and in a
+    marked folder only the previous set's own files are deleted before the rebuild. Every file is
+    written atomically; ``synthetic_info.json`` is written last. The files depend only on the
+    arguments (not on ``workers``).
     """
     from tqdm.auto import tqdm
 
     out = Path(out)
     if size < 32:
         raise ConfigError(f"size must be at least 32, got {size}")
-    _prepare_out(out, force)
-    records = plan_dataset(n_train, n_test, seed, positive_rate)
+    records = plan_dataset(n_train, n_test, seed, positive_rate)  # checks them before any write
+    params = {"n_train": n_train, "n_test": n_test, "seed": seed}
+    _prepare_out(out, force, {**params, "positive_rate": positive_rate, "png": png})
     args = (out, size, seed, jpeg, png)
     bar = dict(total=len(records), desc="synthetic", unit="img", disable=None)
     if workers > 1 and len(records) > 1:
@@ -758,7 +950,7 @@ def write_dataset(
         results = [_write_case(r, *args) for r in tqdm(records, **bar)]
 
     summary: dict[str, Any] = {
-        "generator": "pneumoseg.synthetic",
+        "generator": GENERATOR,
         "version": 1,
         "seed": seed,
         "size": size,
