@@ -14,6 +14,12 @@ Setups, all with hflip TTA: ``demo`` (the demo experiment: 3 ResNet18 U-Nets at 
 ``make demo`` first), ``r34_512`` (one ResNet34 U-Net at 512 px, untrained weights: the timing is
 the same) and ``r34_512_x5`` (five of them, a 5-fold ensemble). Printed per load: requests, 200s,
 503s, other statuses, p50/p95 latency of the 200s, images/s, and the server's peak RSS (VmHWM).
+
+``--hostile`` instead sends single hostile requests (issue 14, item 7), each to a fresh
+``r34_512`` server with the default limits, and prints the status, the time and the server's peak
+RSS before and after: 16 highly compressed 6000x6000 PNGs (561 KB), 16 2000x2000 PNGs (64 M
+pixels: the default per-request cap) and a real DICOM whose header says 64x64 but whose JPEG
+stream says 12000x12000.
 """
 
 from __future__ import annotations
@@ -131,18 +137,68 @@ def load(url: str, images: list[bytes], clients: int, duration: float) -> dict:
     }
 
 
+def hostile_requests(dicom: Path) -> dict[str, list[tuple[str, bytes]]]:
+    """The issue's hostile requests: name -> files, built from zeros and a real DICOM."""
+    import io
+
+    import cv2
+    import numpy as np
+    import pydicom
+
+    def png(side: int) -> bytes:
+        pic = np.zeros((side, side), np.uint8)
+        return cv2.imencode(".png", pic, [cv2.IMWRITE_PNG_COMPRESSION, 9])[1].tobytes()
+
+    ds = pydicom.dcmread(dicom)
+    ds.Rows = ds.Columns = 64
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    bomb = bytearray(buf.getvalue())
+    sof = bomb.index(b"\xff\xc0\x00\x0b")  # baseline frame header: its height and width
+    bomb[sof + 5 : sof + 9] = (12000).to_bytes(2, "big") * 2
+    big, cap = png(6000), png(2000)
+    return {
+        f"16 x 6000^2 PNG ({16 * len(big) // 1000} KB)": [(f"{k}.png", big) for k in range(16)],
+        "16 x 2000^2 PNG (64 M px)": [(f"{k}.png", cap) for k in range(16)],
+        "DICOM 64^2, JPEG 12000^2": [("x.dcm", bytes(bomb))],
+    }
+
+
+def run_hostile(images: Path) -> None:
+    dicom = sorted(images.glob("*.dcm"))[0]
+    print(f"{'request':28} {'status':>6} {'s':>6} {'RSS before MB':>13} {'peak RSS MB':>11}")
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = untrained_experiment(Path(tmp) / "r34", 1)
+        for name, files in hostile_requests(dicom).items():
+            proc, url = start_server(argv)
+            try:
+                before = peak_rss_mb(proc.pid)
+                t0 = time.perf_counter()
+                r = httpx.post(f"{url}/api/predict", files=[("files", f) for f in files],
+                               timeout=600)  # fmt: skip
+                dt = time.perf_counter() - t0
+                print(f"{name:28} {r.status_code:>6} {dt:>6.1f} {before:>13.0f} "
+                      f"{peak_rss_mb(proc.pid):>11.0f}", flush=True)  # fmt: skip
+            finally:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=60)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per load")
     ap.add_argument("--setups", nargs="+", default=["demo", "r34_512", "r34_512_x5"])
     ap.add_argument("--images", type=Path,
                     default=REPO.parent / "shared" / "data" / "siim-real" / "stage2_test")  # fmt: skip
+    ap.add_argument("--hostile", action="store_true", help="the hostile requests instead")
     args = ap.parse_args()
     images = [p.read_bytes() for p in sorted(args.images.glob("*.dcm"))]
     if not images:
         raise SystemExit(f"no DICOMs in {args.images}")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, {len(images)} real DICOMs")  # fmt: skip
+    if args.hostile:
+        return run_hostile(args.images)
     print(f"{'setup':12} {'load':8} {'clients':>7} {'requests':>8} {'200':>5} {'503':>5} "
           f"{'other':>5} {'p50 s':>7} {'p95 s':>7} {'img/s':>6} {'peak RSS MB':>11}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
