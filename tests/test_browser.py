@@ -98,3 +98,31 @@ def test_upload_a_real_dicom_and_move_the_threshold(server, browser, real_dir, t
     shot.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_docs_try_it_out_uploads_a_real_dicom(server, browser, real_dir):
+    """``/docs`` (Swagger UI, served by the app itself: no CDN) draws a file picker for the
+    documented ``files`` field; "Try it out" with a real DICOM answers 200 with its result."""
+    pytest.importorskip("fastapi_offline", reason="/docs would load Swagger UI from a CDN")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    dicom = sorted((real_dir / "stage2_test").glob("ID_*.dcm"))[0].resolve()
+    browser.get(server + "/docs")
+    wait = WebDriverWait(browser, 120)
+    op = wait.until(ec.presence_of_element_located(
+        (By.ID, "operations-default-predict_api_predict_post")))  # fmt: skip
+    op.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait.until(lambda _: op.find_element(By.CSS_SELECTOR, ".try-out__btn")).click()
+    field = wait.until(lambda _: op.find_element(
+        By.CSS_SELECTOR, "tr[data-property-name='files'] input[type='file']"))  # fmt: skip
+    field.send_keys(str(dicom))
+    op.find_element(By.CSS_SELECTOR, ".execute").click()
+    status = wait.until(lambda _: op.find_element(
+        By.CSS_SELECTOR, ".live-responses-table tr.response .response-col_status"))  # fmt: skip
+    wait.until(lambda _: status.text.strip())
+    body = op.find_element(By.CSS_SELECTOR, ".live-responses-table .response-col_description pre")
+    assert status.text.strip() == "200", body.text
+    text = body.text
+    assert '"id"' in text and '"rle"' in text and '"kind": "dicom"' in text, text

@@ -33,11 +33,12 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import (  # module level: FastAPI resolves the handlers' annotations here
     FastAPI,
+    Query,
     Request,
 )
 from fastapi.concurrency import run_in_threadpool
@@ -46,6 +47,15 @@ from fastapi.staticfiles import StaticFiles
 
 from pneumoseg.errors import UserError
 from pneumoseg.safe_text import safe_id
+from pneumoseg.serve.api_models import (
+    FAILURE_EXAMPLE,
+    HealthAnswer,
+    PredictAnswer,
+    error_responses,
+    keep_nulls_in_examples,
+    ok_examples,
+    upload_body,
+)
 from pneumoseg.serve.uploads import Decoded, Header, UploadError, decode, inspect_upload
 from pneumoseg.visualize import components, overlay
 
@@ -65,6 +75,31 @@ PREDICT_PATH = "/api/predict"
 # probability map (p x 255: the page re-thresholds it without a new forward pass) and the decoded
 # grey image (browsers cannot show DICOM).
 OUTPUTS = ("mask", "overlay", "prob", "image")
+
+# The fixed texts of the app's own refusals (also the examples in /openapi.json).
+BUSY = "the server is busy: retry shortly"
+NO_MODEL = "no model is loaded: see GET /health for what to run"
+NO_FILE = "no file in the multipart field 'files'"
+UNKNOWN_OUTPUTS = f"unknown outputs; valid: {', '.join(OUTPUTS)}"
+OUTPUTS_TEXT = f"comma-separated PNGs to add to each result, in base64: {', '.join(OUTPUTS)}"
+
+
+def too_large_text(limit: int) -> str:
+    return f"request body over the server's limit of {limit:,} bytes"
+
+
+def too_slow_text(timeout_s: float) -> str:
+    return (f"the request body did not arrive within {timeout_s:g} s: the connection "
+            "is closed; send it again, faster or in smaller requests")  # fmt: skip
+
+
+def not_multipart_text(max_files: int) -> str:
+    return f"expected multipart/form-data with up to {max_files} files in the field 'files'"
+
+
+def too_many_pixels_text(total: int, cap: int) -> str:
+    return (f"the files hold {total:,} pixels together, more than the server accepts per "
+            f"request ({cap:,}): send fewer or smaller images per request")  # fmt: skip
 
 
 class BodyRefused(Exception):
@@ -90,7 +125,7 @@ class RequestGuard:
         gated = scope["method"] == "POST" and scope["path"] == PREDICT_PATH
         if gated and not self.gate.enter():
             log.warning("over capacity: 503")
-            return await _answer(send, 503, "the server is busy: retry shortly")
+            return await _answer(send, 503, BUSY)
         try:
             await self._guarded(scope, receive, send)
         finally:
@@ -143,12 +178,11 @@ class RequestGuard:
 
     @property
     def _too_large(self) -> str:
-        return f"request body over the server's limit of {self.limit:,} bytes"
+        return too_large_text(self.limit)
 
     @property
     def _too_slow(self) -> str:
-        return (f"the request body did not arrive within {self.timeout_s:g} s: the connection "
-                "is closed; send it again, faster or in smaller requests")  # fmt: skip
+        return too_slow_text(self.timeout_s)
 
 
 async def _answer(send, status: int, detail: str) -> None:
@@ -426,7 +460,7 @@ def create_app(cfg: Mapping[str, Any], predictor=None):
     sc = cfg["serve"]
     redact_foreign_logs()
     service = Service(cfg, predictor)
-    app = FastAPI(
+    app = _fastapi(
         title="pneumoseg",
         version=service.version,
         description="Pneumothorax segmentation of chest X-rays. Research use only, not for "
@@ -437,6 +471,7 @@ def create_app(cfg: Mapping[str, Any], predictor=None):
     )
     app.state.service = service
     max_files = int(sc["max_files"])
+    limit, timeout_s = int(float(sc["max_body_mb"]) * 1024 * 1024), float(sc["body_timeout_s"])
     if sc["cors_origins"]:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -450,56 +485,107 @@ def create_app(cfg: Mapping[str, Any], predictor=None):
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
         response = await call_next(request)
-        if not request.url.path.startswith(("/docs", "/redoc")):  # Swagger UI loads a CDN
+        if not request.url.path.startswith(("/docs", "/redoc")):  # their pages run inline JS
             response.headers.update(SECURITY_HEADERS)
         return response
 
     # added last: the outermost layer, so that capacity is decided before anything else runs
-    app.add_middleware(RequestGuard, limit=int(float(sc["max_body_mb"]) * 1024 * 1024),
-                       timeout_s=float(sc["body_timeout_s"]), gate=service.gate)  # fmt: skip
+    app.add_middleware(RequestGuard, limit=limit, timeout_s=timeout_s, gate=service.gate)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/health")
+    # JSONResponse named: answers through the models are rendered by json.dumps as before, not
+    # by pydantic's JSON writer (which prints some floats differently, 1e-7 for 1e-07)
+    @app.get("/health", response_model=HealthAnswer, response_class=JSONResponse)
     def health() -> dict:
+        """The loaded experiment (or what to run without one) and the server's limits."""
         return service.health()
 
-    @app.post(PREDICT_PATH)
-    async def predict(request: Request, outputs: str = ""):
-        """One or more files (multipart field ``files``) -> one result per file, in order.
-        ``outputs``: comma-separated PNGs to include (``mask``, ``overlay``, ``prob``, ``image``).
+    examples = _error_examples(service, max_files, limit, timeout_s)
+
+    @app.post(PREDICT_PATH, response_model=PredictAnswer, response_model_exclude_unset=True,
+              response_class=JSONResponse, responses={200: {"content": {"application/json": {
+                  "examples": ok_examples()}}}, **error_responses(examples)},
+              openapi_extra={"requestBody": upload_body(max_files)})  # fmt: skip
+    async def predict(
+        request: Request,
+        outputs: Annotated[str, Query(description=OUTPUTS_TEXT)] = "",
+    ):
+        """One or more files (multipart field ``files``) -> one result per file, in order; a
+        file that fails gets its own ``error`` and the others are still predicted (200), unless
+        every file fails (the first file's status). The server reads the body itself, within
+        the limits that ``GET /health`` lists; the request body below documents it.
         """
         t0 = time.perf_counter()
         want = {o for o in outputs.split(",") if o}
         if want - set(OUTPUTS):
-            return error(422, f"unknown outputs; valid: {', '.join(OUTPUTS)}")
+            return error(422, UNKNOWN_OUTPUTS)
         if service.predictor is None:
-            return error(503, "no model is loaded: see GET /health for what to run")
+            return error(503, NO_MODEL)
         try:
             form = await request.form(max_files=max_files, max_fields=max_files + 8)
         except BodyRefused:
             raise  # RequestGuard answers 413 / 408
         except Exception:  # malformed multipart, too many parts: nothing of it is echoed
-            return error(400, f"expected multipart/form-data with up to {max_files} files "
-                              "in the field 'files'")  # fmt: skip
+            return error(400, not_multipart_text(max_files))
         try:
             uploads = [(f.filename, f.file) for f in form.getlist("files") if hasattr(f, "read")]
             if not uploads:
-                return error(422, "no file in the multipart field 'files'")
+                return error(422, NO_FILE)
             items = await run_in_threadpool(service.run_request, uploads, want)
         except RequestTooLarge as e:
             log.warning("request over the pixel cap: 413 (%d files)", len(uploads))
-            return error(413, f"the files hold {e.args[0]:,} pixels together, more than the "
-                              f"server accepts per request ({service.max_request_pixels:,}): "
-                              "send fewer or smaller images per request")  # fmt: skip
+            return error(413, too_many_pixels_text(e.args[0], service.max_request_pixels))
         finally:
             await form.close()
         return _answer_items(items, t0, error)
 
+    keep_nulls_in_examples(app)
     return app
+
+
+def _fastapi(**kwargs) -> FastAPI:
+    """The app object: ``/docs`` and ``/redoc`` load Swagger UI and ReDoc from this server
+    (fastapi-offline's copies) when fastapi-offline is installed, else from their CDN."""
+    try:
+        from fastapi_offline import FastAPIOffline
+    except ImportError:  # pragma: no cover - installed with pneumoseg
+        return FastAPI(**kwargs)
+    return FastAPIOffline(**kwargs)
+
+
+def _error_examples(service: Service, max_files: int, limit: int, timeout_s: float) -> dict:
+    """Named example bodies of each error status of ``POST /api/predict``, with this server's
+    limits in their texts."""
+
+    def failed(status: int, detail: str, name: str, size: int) -> dict:
+        entry = {"index": 0, "id": name, "bytes": size, "error": {"status": status,
+                 "detail": detail}}  # fmt: skip
+        return {"detail": detail, "results": [entry]}
+
+    side, over = int(service.max_pixels**0.5) + 1, 4 * service.max_request_pixels
+    unsupported = FAILURE_EXAMPLE["error"]["detail"]
+    per_file = (f"the image has {side}x{side} pixels, more than the server accepts "
+                f"({service.max_pixels:,})")  # fmt: skip
+    return {
+        400: {"not_multipart": {"detail": not_multipart_text(max_files)}},
+        408: {"body_too_slow": {"detail": too_slow_text(timeout_s)}},
+        413: {
+            "body_too_large": {"detail": too_large_text(limit)},
+            "request_pixels": {"detail": too_many_pixels_text(over, service.max_request_pixels)},
+            "every_file_too_large": failed(413, per_file, "huge", 90_210),
+        },
+        415: {"every_file_unsupported": failed(415, unsupported, "notes", 300)},
+        422: {
+            "unknown_outputs": {"detail": UNKNOWN_OUTPUTS},
+            "no_file": {"detail": NO_FILE},
+            "every_file_unreadable": failed(422, "the file is empty", "blank", 0),
+        },
+        503: {"busy": {"detail": BUSY}, "no_model": {"detail": NO_MODEL}},
+    }
 
 
 def _answer_items(items: list[dict], t0: float, error) -> dict | JSONResponse:
