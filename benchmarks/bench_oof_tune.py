@@ -6,10 +6,10 @@ per-image confidence + smooth background noise + spurious blobs on some images (
 aux-head probabilities for the gate. The grids are ``tune`` of configs/base.yaml (plus a 3-value
 gate grid unless ``--no-gate``).
 
-* fast: :func:`pneumoseg.postprocess.search` over every image and every setting, run in a child
+* fast: :func:`pneumoseg.postprocessing.postprocess.search` over every image and every setting, run in a child
   process on the memmaps so that its peak RSS (``ru_maxrss``, which counts the memmapped pages
   it touched) is its own;
-* naive: :func:`pneumoseg.postprocess.naive_search` (apply_postprocess + Dice for each setting and
+* naive: :func:`pneumoseg.postprocessing.postprocess.naive_search` (apply_postprocess + Dice for each setting and
   image) on the first ``--naive-n`` images only, extrapolated linearly to every image × setting.
 
 Targets: speed-up ≥ 50×, 10,000 images in ≤ 2 min on 2 cores, peak RSS ≤ 4 GB.
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import cv2
 
 from pneumoseg.config import load_config
-from pneumoseg.postprocess import Grid, Source, naive_search, search
+from pneumoseg.postprocessing.postprocess import Grid, Source, naive_search, search
 
 N_FOLDS = 5
 

@@ -4,7 +4,7 @@
                                        [--repeats 2] [--device cpu]
 
 All compute the same weighted mean of sigmoid probabilities (checked). The batched path
-(``pneumoseg.inference.predict_probs``) uploads the uint8 batch once, normalises it on the device
+(``pneumoseg.inference.ensemble.predict_probs``) uploads the uint8 batch once, normalises it on the device
 once per ``in_channels`` and sends all TTA views of the whole batch through each model in one
 forward pass ("1 fwd/model"; what it does on a GPU), with the models in NCHW or channels_last
 (NHWC, what ``load_models`` gives) memory format; "default" is what it does on this device (on a
@@ -27,10 +27,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np
 import torch
 
-from pneumoseg.data import normalize
-from pneumoseg.engine import inference_dtype
-from pneumoseg.inference import Member, parse_tta, predict_probs
-from pneumoseg.models import build_model, split_output
+from pneumoseg.data.dataset import normalize
+from pneumoseg.inference.ensemble import Member, parse_tta, predict_probs
+from pneumoseg.models.registry import build_model, split_output
+from pneumoseg.training.engine import inference_dtype
 
 
 def naive(members, images, tta, device):

@@ -5,7 +5,7 @@ Inputs: the 32 real JPEG-baseline DICOMs in ../shared/data/siim-real (1024², 8-
 
 * decode + resize, 1 process: ``read_dicom`` + ``cv2.INTER_AREA`` + the mask resize, per core;
 * decode + resize, joblib (``--n-jobs``, all cores by default): what ``preprocess.py`` does;
-* cache, memmap ``.npy`` (the format ``pneumoseg.cache`` uses): random image+mask reads, copied out;
+* cache, memmap ``.npy`` (the format ``pneumoseg.data.cache`` uses): random image+mask reads, copied out;
 * cache, one PNG per image and mask (the alternative format): random image+mask reads.
 
 Cache reads run with a warm page cache (files just written), which is the steady state of
@@ -40,9 +40,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from pneumoseg.cache import resize_image, resize_mask
+from pneumoseg.data.resize import resize_image, resize_mask
+from pneumoseg.data.rle import read_rle_csv, union_mask
 from pneumoseg.io import read_dicom
-from pneumoseg.rle import read_rle_csv, union_mask
 
 REAL = Path(
     os.environ.get(

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from pneumoseg.rle import read_rle_csv, rle_decode, rle_encode, union_mask
+from pneumoseg.data.rle import read_rle_csv, rle_decode, rle_encode, union_mask
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "siim-real"
 SHAPE = (1024, 1024)

@@ -45,7 +45,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from pneumoseg.config import load_config  # noqa: E402
-from pneumoseg.models import build_model, model_cfg  # noqa: E402
+from pneumoseg.models.registry import build_model, model_cfg  # noqa: E402
 
 
 def free_port() -> int:

@@ -31,13 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from pneumoseg import engine
 from pneumoseg.config import CONFIG_DIR, load_config
-from pneumoseg.data import SegDataset, collate
-from pneumoseg.families import family_for
-from pneumoseg.losses import ComboLoss
-from pneumoseg.models import build_model
-from pneumoseg.transforms import build_train_transforms
+from pneumoseg.data.dataset import SegDataset, collate
+from pneumoseg.data.transforms import build_train_transforms
+from pneumoseg.models.families import family_for
+from pneumoseg.models.losses import ComboLoss
+from pneumoseg.models.registry import build_model
+from pneumoseg.training import engine
 
 
 def fake_cache(folder: Path, n: int, size: int):

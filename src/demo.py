@@ -8,7 +8,7 @@ summary (CV Dice per fold, the tuned post-processing, submission Dice, wall time
 Re-running continues where it stopped: the dataset, cache and folds are reused, finished folds are
 skipped and an interrupted fold resumes from its ``last.pt``. ``--fresh`` removes the demo's
 outputs first, ``--clean`` (``make clean-demo``) removes them and stops. Before anything runs or
-is removed, every output is checked to be the demo's (``pneumoseg.demo_outputs``): a data folder
+is removed, every output is checked to be the demo's (``pneumoseg.demo.outputs``): a data folder
 without the synthetic generator's marker, a run trained on other data, a submission of other
 ids... are refused (exit 2), and nothing is deleted. Subprocesses run only this
 repository's own scripts, with ``sys.executable`` and a fixed argv (hence the ``nosec`` marks).
@@ -70,8 +70,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from pneumoseg.config import load_config
-    from pneumoseg.demo_outputs import check, demo_outputs, remove
-    from pneumoseg.inference import experiment_list
+    from pneumoseg.demo.outputs import check, demo_outputs, remove
+    from pneumoseg.inference.ensemble import experiment_list
 
     cfg = load_config(REPO / args.config)
     members = experiment_list(cfg)
@@ -95,7 +95,7 @@ def planned_set(args: argparse.Namespace) -> dict:
     """The synthetic set's plan the demo generates: its sizes, the generator's other defaults."""
     import inspect
 
-    from pneumoseg.synthetic import PLAN_KEYS, write_dataset
+    from pneumoseg.data.synthetic import PLAN_KEYS, write_dataset
 
     defaults = {k: p.default for k, p in inspect.signature(write_dataset).parameters.items()}
     plan = {**defaults, "n_train": args.n_train, "n_test": args.n_test}
@@ -103,7 +103,7 @@ def planned_set(args: argparse.Namespace) -> dict:
 
 
 def run_pipeline(args: argparse.Namespace, cfg: dict, members, root: Path) -> None:
-    from pneumoseg.synthetic import INFO
+    from pneumoseg.data.synthetic import INFO
 
     config = args.config
     blend = members != [(cfg["exp"], 1.0)]
@@ -178,8 +178,8 @@ def summary(cfg: dict, root: Path, runs: Path, sub: Path, timings: dict) -> None
     import pandas as pd
     import yaml
 
-    from pneumoseg.postprocess import PARAM_KEYS
-    from pneumoseg.submission import score_submission
+    from pneumoseg.inference.submission import score_submission
+    from pneumoseg.postprocessing.postprocess import PARAM_KEYS
 
     size = int(cfg["data"]["original_size"])
     truth_csv = root / cfg["data"]["test_rle_csv"]

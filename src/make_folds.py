@@ -31,8 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    from pneumoseg.errors import FoldsError, OutputExistsError
-    from pneumoseg.folds import (
+    from pneumoseg.data.folds import (
         fold_report,
         folds_csv,
         import_folds,
@@ -40,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         patients_split,
         write_folds,
     )
+    from pneumoseg.errors import FoldsError, OutputExistsError
 
     cfg = config_from_args(args)
     fcfg, dcfg = cfg["folds"], cfg["data"]
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build_manifest(dcfg: dict):
-    from pneumoseg.data import build_manifest
+    from pneumoseg.data.dataset import build_manifest
 
     return build_manifest(dcfg, split="train")
 

@@ -13,7 +13,7 @@ import time
 
 import pneumoseg  # noqa: F401  (first: sets up the environment; src/ is on sys.path)
 from pneumoseg.cli import add_debug, run
-from pneumoseg.synthetic import write_dataset
+from pneumoseg.data.synthetic import write_dataset
 
 log = logging.getLogger("make_synthetic")
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from pneumoseg.cli import config_from_args, make_parser, run, setup_logging
-from pneumoseg.predictor import TUNING_FILES
+from pneumoseg.inference.predictor import TUNING_FILES
 
 log = logging.getLogger("oof_tune")
 
@@ -46,7 +46,7 @@ def find_folds(exp_dir: Path, wanted, n_folds: int, sub: str = "") -> list[int]:
     """``wanted`` folds, or every fold ``0..n_folds-1``; each must have complete OOF files
     (in the fold's ``sub`` folder: the maps of one setting of the model's inference options)."""
     from pneumoseg.errors import MissingFileError
-    from pneumoseg.oof import has_oof
+    from pneumoseg.training.oof import has_oof
 
     folds = list(range(n_folds)) if wanted is None else [int(k) for k in wanted]
     missing = [k for k in folds if not has_oof(exp_dir / f"fold{k}" / sub)]
@@ -64,7 +64,7 @@ def find_folds(exp_dir: Path, wanted, n_folds: int, sub: str = "") -> list[int]:
 def option_variants(cfg: dict) -> list[tuple[dict, str]]:
     """(model options, OOF sub-folder) of every setting of ``tune.options`` to search; the first
     is the maps as trained (no option changed). Blends search no options."""
-    from pneumoseg.oof import option_folder, option_settings
+    from pneumoseg.training.oof import option_folder, option_settings
 
     settings = option_settings(cfg["tune"]["options"])
     return [({}, ""), *((opts, option_folder(opts)) for opts in settings)]
@@ -72,7 +72,7 @@ def option_variants(cfg: dict) -> list[tuple[dict, str]]:
 
 def fold_sources(out_root: Path, members, folds: list[int], sub: str):
     """One OOF per fold: the blend (weighted mean) of the experiments' maps."""
-    from pneumoseg.oof import blend_oofs, load_oof
+    from pneumoseg.training.oof import blend_oofs, load_oof
 
     names = [exp for exp, _ in members]
     weights = [w for _, w in members]
@@ -97,7 +97,7 @@ def report_table(oofs, names, settings: dict, scale: float):
     """Per-fold metrics of each named setting + mean/std over folds + pooled over all images."""
     import pandas as pd
 
-    from pneumoseg.postprocess import evaluate_params, pooled_miou
+    from pneumoseg.postprocessing.postprocess import evaluate_params, pooled_miou
 
     metrics = ["dice", "pos_dice", "empty_acc", "mIoU", "mDice"]
     rows = []
@@ -150,7 +150,7 @@ def plot_grid(results, best, path: Path, title: str) -> Path:
 
 
 def _params(row) -> dict:
-    from pneumoseg.postprocess import row_params
+    from pneumoseg.postprocessing.postprocess import row_params
 
     return row_params(row.to_dict())
 
@@ -162,7 +162,7 @@ def write_outputs(exp_dir: Path, params: dict, table, results, best, force: bool
     with ``force``."""
     from pneumoseg.errors import OutputExistsError
     from pneumoseg.io import replace_together
-    from pneumoseg.postprocess import ParamsError, load_params, params_yaml
+    from pneumoseg.postprocessing.postprocess import ParamsError, load_params, params_yaml
 
     out = exp_dir / "postprocess.yaml"
     if out.is_file():
@@ -203,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_tuning(cfg: dict, args: argparse.Namespace) -> int:
     from pneumoseg.errors import DataError
-    from pneumoseg.inference import experiment_list
+    from pneumoseg.inference.ensemble import experiment_list
+    from pneumoseg.inference.provenance import tuning_source
     from pneumoseg.io import recover_together, require_file_targets
-    from pneumoseg.postprocess import (
+    from pneumoseg.postprocessing.postprocess import (
         area_scale_for,
         best_rows,
         pick_best,
@@ -213,7 +214,6 @@ def run_tuning(cfg: dict, args: argparse.Namespace) -> int:
         search,
         validate_params,
     )
-    from pneumoseg.provenance import tuning_source
 
     tune = cfg["tune"]
     out_root = Path(cfg["train"]["out_dir"])

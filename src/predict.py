@@ -45,8 +45,8 @@ from pneumoseg.errors import (
     SubmissionError,
     UserError,
 )
+from pneumoseg.inference.predictor import Predictor
 from pneumoseg.locks import exclusive, lock_file_for
-from pneumoseg.predictor import Predictor
 from pneumoseg.safe_text import safe_id
 
 log = logging.getLogger("pneumoseg.predict")
@@ -112,8 +112,8 @@ def run_submission(cfg: dict, args) -> Path:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from pneumoseg.cache import FAILED, build_cache
-    from pneumoseg.submission import publish_submission, read_sample_ids, score_submission
+    from pneumoseg.data.cache import FAILED, build_cache
+    from pneumoseg.inference.submission import publish_submission, read_sample_ids, score_submission
 
     out = submission_path(cfg)
     if out.exists() and not args.force:

@@ -4,7 +4,7 @@
                              [section.key=value ...]        e.g. cache.size=256 cache.n_jobs=8
 
 Every image is decoded once, resized to ``cache.size`` and stored in memmapped ``.npy`` arrays
-next to the manifest (see ``pneumoseg.cache``). Re-running skips finished work; an interrupted run
+next to the manifest (see ``pneumoseg.data.cache``). Re-running skips finished work; an interrupted run
 resumes; a cache built from another manifest or size is rebuilt (``cache.rebuild_on_change``).
 Exit status: 0 ok (images that failed to decode are listed in a warning, left out of training and
 prediction, and retried by every rerun); 2 a user error (bad config, data, cache, disk full; in
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    from pneumoseg.cache import build_cache
+    from pneumoseg.data.cache import build_cache
 
     cfg = config_from_args(args)
     splits = ["train", "test"] if args.split == "all" else [args.split]

@@ -4,10 +4,10 @@
 ``runs/<exp>/fold<k>/`` (``full/`` for -1): ``config.yaml``, ``train.log``, ``log.csv``,
 ``curves.png``, ``checkpoints/epochNNN.pt`` (top-k by validation Dice), ``last.pt`` (resume point),
 ``model.pt`` (mean of the top-k weights), ``oof_*`` (out-of-fold probabilities).
-The training loop itself is :func:`pneumoseg.training.fit`.
+The training loop itself is :func:`pneumoseg.training.fit.fit`.
 
 ``--resume`` continues from ``last.pt`` and refuses settings that differ from the run's (except
-the keys in ``pneumoseg.training.RESUME_SAFE_KEYS``). ``--force`` starts over and moves the old
+the keys in ``pneumoseg.training.fit.RESUME_SAFE_KEYS``). ``--force`` starts over and moves the old
 run to a backup folder. Exit status: 0 ok, 2 a user error (message says what to do).
 
 Multi-GPU: ``torchrun --nproc_per_node=N src/train.py --config ... --fold 0``.
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = get_args(argv)
     setup_logging()
     cfg = config_from_args(args)
-    from pneumoseg.training import fit
+    from pneumoseg.training.fit import fit
 
     fit(cfg, args.fold, resume=args.resume, force=args.force, quiet=args.quiet)
     return 0

@@ -43,9 +43,9 @@ def main(argv=None) -> int:
     add_debug(ap)
     args = ap.parse_args(argv)
 
+    from pneumoseg.data.rle import read_rle_csv
     from pneumoseg.errors import MissingFileError, SubmissionError
-    from pneumoseg.rle import read_rle_csv
-    from pneumoseg.submission import validate_submission
+    from pneumoseg.inference.submission import validate_submission
 
     for what, path in (("submission", args.submission), ("sample submission", args.sample)):
         if path is not None and path.is_dir():

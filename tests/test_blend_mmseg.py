@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pneumoseg.oof import Oof, blend_oofs
-from pneumoseg.postprocess import PARAM_KEYS, evaluate_params, pooled_miou
+from pneumoseg.postprocessing.postprocess import PARAM_KEYS, evaluate_params, pooled_miou
+from pneumoseg.training.oof import Oof, blend_oofs
 
 from conftest import REPO, run_cli
 
@@ -102,10 +102,10 @@ def test_png_layout_on_real_vbookshelf_pairs(real_dir, tmp_path, size):
     """The real vbookshelf pairs through the PNG layout: every cached mask equals its RLE in
     masks.csv decoded (and resized like the cache resizes masks), and instances for Mask R-CNN
     come from the mask's connected components (masks are 0/255: any value > 0 is foreground)."""
-    from pneumoseg.cache import build_cache, resize_mask
     from pneumoseg.config import load_config
-    from pneumoseg.data import instance_masks
-    from pneumoseg.rle import rle_decode
+    from pneumoseg.data.cache import build_cache, resize_mask
+    from pneumoseg.data.dataset import instance_masks
+    from pneumoseg.data.rle import rle_decode
 
     root = real_dir / "vbookshelf_sample"
     cfg = load_config(None, [

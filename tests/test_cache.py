@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumoseg import cache as pcache
-from pneumoseg.cache import (
+from pneumoseg.config import load_config
+from pneumoseg.data import cache as pcache
+from pneumoseg.data.cache import (
     CacheError,
     build_cache,
     cache_dir,
@@ -25,8 +26,7 @@ from pneumoseg.cache import (
     resize_image,
     resize_mask,
 )
-from pneumoseg.config import load_config
-from pneumoseg.data import read_image, read_mask
+from pneumoseg.data.dataset import read_image, read_mask
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -149,7 +149,7 @@ def test_interrupted_run_resumes_and_matches(png_root, tmp_path, monkeypatch):
 
 KILL_SCRIPT = """
 import json, os, sys
-from pneumoseg.cache import build_cache
+from pneumoseg.data.cache import build_cache
 cfg = json.loads(sys.argv[1])
 n = []
 def die(i):
@@ -188,7 +188,7 @@ def test_changed_manifest_or_size_is_detected(png_root, tmp_path, caplog):
     # drop a row from the index: the manifest changes
     index = pd.read_csv(png_root / "stage_1_train_images.csv")
     index.iloc[1:].to_csv(png_root / "stage_1_train_images.csv", index=False)
-    from pneumoseg.data import build_manifest
+    from pneumoseg.data.dataset import build_manifest
 
     new_manifest = build_manifest(cfg["data"], "train")
     with pytest.raises(CacheError, match="different manifest"):
@@ -196,7 +196,7 @@ def test_changed_manifest_or_size_is_detected(png_root, tmp_path, caplog):
     strict_cfg = make_cfg(tmp_path, png_cfg(png_root), rebuild_on_change=False)
     with pytest.raises(CacheError, match="cannot be reused"):
         build_cache(strict_cfg, "train")
-    with caplog.at_level(logging.WARNING, logger="pneumoseg.cache"):
+    with caplog.at_level(logging.WARNING, logger="pneumoseg.data.cache"):
         rebuilt = build_cache(cfg, "train")
     assert "rebuilding" in caplog.text and rebuilt.n == 11 and rebuilt.last_build["processed"] == 11
     open_cache(path, manifest=new_manifest)
@@ -206,7 +206,7 @@ def test_changed_manifest_or_size_is_detected(png_root, tmp_path, caplog):
     import cv2
 
     cv2.imwrite(str(mask_file), np.zeros((64, 64), np.uint8))
-    with caplog.at_level(logging.WARNING, logger="pneumoseg.cache"):
+    with caplog.at_level(logging.WARNING, logger="pneumoseg.data.cache"):
         again = build_cache(cfg, "train")
     assert again.last_build["processed"] == 11
     # --force always rebuilds
@@ -229,14 +229,14 @@ def test_damaged_cache_is_reported(png_root, tmp_path):
 
 def test_failed_images_are_flagged(png_root, tmp_path, caplog, monkeypatch):
     cfg = make_cfg(tmp_path, png_cfg(png_root))
-    from pneumoseg.data import SegDataset, build_manifest
+    from pneumoseg.data.dataset import SegDataset, build_manifest
 
     manifest = build_manifest(cfg["data"], "train")
     bad = Path(manifest.loc[2, "image_path"])
     good_bytes = bad.read_bytes()
     bad.write_bytes(good_bytes[:40])  # header intact, pixels gone: only decoding notices
     bad_id = manifest.loc[2, "id"]
-    with caplog.at_level(logging.WARNING, logger="pneumoseg.cache"):
+    with caplog.at_level(logging.WARNING, logger="pneumoseg.data.cache"):
         cache = build_cache(cfg, "train", manifest=manifest)
     assert cache.last_build["failed"] == 1 and cache.failed_ids == [bad_id]
     assert bad.name in caplog.text
@@ -248,7 +248,7 @@ def test_failed_images_are_flagged(png_root, tmp_path, caplog, monkeypatch):
         open_cache_for(strict, "train")
     # non-strict: it opens, with a warning naming the count and the id
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pneumoseg.cache"):
+    with caplog.at_level(logging.WARNING, logger="pneumoseg.data.cache"):
         opened = open_cache_for(cfg, "train")
     assert "1 of 12 image(s) failed to decode" in caplog.text and bad_id in caplog.text
     assert opened.ok.dtype == bool and opened.ok.tolist() == [k != 2 for k in range(12)]
@@ -350,7 +350,7 @@ def test_damaged_files_are_reported_and_repaired(png_root, tmp_path, caplog, kin
         if "done" not in kind:
             with pytest.raises(CacheError, match=r"cannot be reused.*--force"):
                 build_cache(forbid, "train")
-    with caplog.at_level(logging.WARNING, logger="pneumoseg.cache"):
+    with caplog.at_level(logging.WARNING, logger="pneumoseg.data.cache"):
         cache = build_cache(cfg, "train")
     assert cache.last_build["processed"] == redone and cache.complete
     reopened = open_cache(path)
@@ -479,7 +479,7 @@ def test_free_bytes_and_human():
 
 def test_cli(png_root, tmp_path):
     args = [f"data.{k}={v}" for k, v in png_cfg(png_root).items()]
-    args += [f"cache.dir={tmp_path / 'c'}", "cache.size=32", "cache.n_jobs=2"]
+    args += [f"cache.dir={tmp_path / 'c'}", "cache.size=32", "cache.n_jobs=2", "oof.size=32"]
     cmd = [sys.executable, str(REPO / "src" / "preprocess.py"), "--split", "all", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -92,7 +92,7 @@ def _pickled_code(path: Path) -> None:
 
 def _other_arch(path: Path) -> None:
     """A model.pt whose config says resnet18/light decoder but whose weights are resnet34's."""
-    from pneumoseg.models import build_model
+    from pneumoseg.models.registry import build_model
 
     good = torch.load(path, weights_only=True)
     cfg = dict(good["config"]["model"], encoder="resnet34", encoder_weights=None)

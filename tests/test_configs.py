@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from pneumoseg.config import load_config
-from pneumoseg.models import build_model
+from pneumoseg.models.registry import build_model
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -48,7 +48,7 @@ def _choice_comments() -> dict[str, list[str]]:
 
 def test_base_choice_comments_match_the_registries():
     from pneumoseg import schema
-    from pneumoseg.families import archs
+    from pneumoseg.models.families import archs
 
     registries = {
         "data.layout": schema.LAYOUTS, "data.rle_format": schema.RLE_FORMATS,

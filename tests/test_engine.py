@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pneumoseg import engine
+from pneumoseg.training import engine
 
 TRAIN = {
     "optimizer": "adamw",

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from pneumoseg.submission import validate_submission
+from pneumoseg.inference.submission import validate_submission
 
 from conftest import REPO, run_cli, tiny_overrides
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from pneumoseg.errors import ConfigError, DownloadError, ModelFileError
-from pneumoseg.families.doubleunet import DOUBLEUNET, DoubleUNet
-from pneumoseg.families.unet_classic import UNET_CLASSIC
-from pneumoseg.losses import ComboLoss
+from pneumoseg.models.families.doubleunet import DOUBLEUNET, DoubleUNet
+from pneumoseg.models.families.unet_classic import UNET_CLASSIC
+from pneumoseg.models.losses import ComboLoss
 
 BASE = {
     "encoder": "resnet34",  # ignored by both families
@@ -275,7 +275,7 @@ def test_every_model_key_has_a_value_in_the_table():
 @pytest.mark.parametrize("arch", list(READS))
 @pytest.mark.parametrize("key", list(SET))
 def test_one_rule_for_every_family_and_key(arch, key):
-    from pneumoseg.families import family_for
+    from pneumoseg.models.families import family_for
 
     mcfg = {**_defaults(), "arch": arch, key: SET[key]}
     if key == "aux_dropout":
@@ -295,7 +295,7 @@ def test_one_rule_for_every_family_and_key(arch, key):
 
 @pytest.mark.parametrize("arch", list(READS))
 def test_defaults_and_off_values_pass_the_rule(arch):
-    from pneumoseg.families import family_for
+    from pneumoseg.models.families import family_for
 
     fam = family_for(arch)
     assert fam.foreign({**_defaults(), "arch": arch}) == []
@@ -304,7 +304,7 @@ def test_defaults_and_off_values_pass_the_rule(arch):
 
 
 def test_aux_dropout_needs_the_aux_head():
-    from pneumoseg.families import family_for
+    from pneumoseg.models.families import family_for
 
     mcfg = {**_defaults(), "arch": "unet", "aux_dropout": 0.5}
     assert family_for("unet").foreign(mcfg) == [

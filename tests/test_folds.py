@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from pneumoseg.cli import run
-from pneumoseg.folds import (
+from pneumoseg.data.folds import (
     TRAIN_ONLY,
     UNKNOWN_AREA_BIN,
     FoldsError,

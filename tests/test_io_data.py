@@ -1,4 +1,4 @@
-"""DICOM/PNG readers (pneumoseg.io) and manifests (pneumoseg.data) on real and tmp files."""
+"""DICOM/PNG readers (pneumoseg.io) and manifests (pneumoseg.data.dataset) on real and tmp files."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pneumoseg import io as pio
-from pneumoseg.data import (
+from pneumoseg.data.dataset import (
     MANIFEST_COLUMNS,
     build_manifest,
     dataset_name,
@@ -26,7 +26,7 @@ from pneumoseg.data import (
     rle_table,
     save_manifest,
 )
-from pneumoseg.rle import read_rle_csv, rle_encode, union_mask
+from pneumoseg.data.rle import read_rle_csv, rle_encode, union_mask
 
 SAMPLE_CSV = "train-rle-sample.csv"
 
@@ -235,7 +235,7 @@ def test_manifest_problems_summary_and_strict(real_dir, tmp_path, caplog):
     write_dicom(files[3], root / "bigrle_img.dcm", np.zeros((512, 512), np.uint8))
 
     cfg = sample_cfg(root)
-    with caplog.at_level(logging.WARNING, logger="pneumoseg.data"):
+    with caplog.at_level(logging.WARNING, logger="pneumoseg.data.dataset"):
         df = build_manifest(cfg, "train")
     text = caplog.text
     for name in ("trunc_img.dcm", "garbage_img.dcm", "nofile_img.dcm", "small_img.dcm"):
@@ -272,7 +272,7 @@ def test_patient_map(real_dir, tmp_path, caplog):
     (tmp_path / "nih_id.csv").write_text("\n".join(lines) + "\n")
     assert load_patient_map(tmp_path / "nih_id.csv")[ids[0]] == "00000042"
     cfg = sample_cfg(root, patient_map=str(tmp_path / "nih_id.csv"))
-    with caplog.at_level(logging.WARNING, logger="pneumoseg.data"):
+    with caplog.at_level(logging.WARNING, logger="pneumoseg.data.dataset"):
         df = build_manifest(cfg, "train").set_index("id")
     assert "covers 6/10 ids" in caplog.text
     assert (df.loc[ids[:3], "patient_id"] == "00000042").all()
@@ -362,7 +362,7 @@ def test_png_layout(tmp_path, caplog):
     index = pd.read_csv(root / "stage_1_train_images.csv")
     index.loc[2, "has_pneumo"] = 1
     index.to_csv(root / "stage_1_train_images.csv", index=False)
-    with caplog.at_level(logging.WARNING, logger="pneumoseg.data"):
+    with caplog.at_level(logging.WARNING, logger="pneumoseg.data.dataset"):
         df = build_manifest(png_cfg(root), "train")
     assert len(df) == 7
     for name in ("0_train_0_.png", "99_train_1_.png", "2_train_0_.png"):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pneumoseg.losses import (
+from pneumoseg.models.losses import (
     LOSSES,
     ComboLoss,
     bce_loss,

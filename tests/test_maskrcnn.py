@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pneumoseg import families
+from pneumoseg.models import families
 
 families.archs()  # fill the registry with every family first (it is loaded once, on first use)
 
@@ -19,7 +19,7 @@ from pneumoseg.errors import (  # noqa: E402
     ModelFileError,
     UnknownNameError,
 )
-from pneumoseg.families import maskrcnn as mr  # noqa: E402
+from pneumoseg.models.families import maskrcnn as mr  # noqa: E402
 
 S = 64
 FAM = mr.MASKRCNN

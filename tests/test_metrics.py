@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoseg.metrics import (
+from pneumoseg.evaluation.metrics import (
     SegConfusion,
     dice_per_image,
     mean_dice,
@@ -122,7 +122,7 @@ GATED_CASES = [
 
 @pytest.mark.parametrize("inter,pa,ta,n_pixels,expected", GATED_CASES)
 def test_gated_dice_hand_cases(inter, pa, ta, n_pixels, expected):
-    from pneumoseg.metrics import gated_dice
+    from pneumoseg.evaluation.metrics import gated_dice
 
     dice, thr, gate = gated_dice(inter, pa, ta, n_pixels)
     assert dice == pytest.approx(expected[0])
@@ -132,7 +132,7 @@ def test_gated_dice_hand_cases(inter, pa, ta, n_pixels, expected):
 def test_gated_dice_prefers_a_useful_model_over_all_empty():
     """The case that made it: at 0.5 the model's false positives put it below the all-empty
     baseline (the fixed-threshold Dice prefers an all-empty epoch); gated, it is above."""
-    from pneumoseg.metrics import dice_from_areas, gated_dice
+    from pneumoseg.evaluation.metrics import dice_from_areas, gated_dice
 
     ta = np.array([50, 0, 0, 0])  # 1 positive, 3 empty images of 1000 px
     inter = np.tile([[40], [0], [0], [0]], (1, 5))
@@ -144,7 +144,7 @@ def test_gated_dice_prefers_a_useful_model_over_all_empty():
 
 
 def test_gated_dice_shape_error():
-    from pneumoseg.metrics import gated_dice
+    from pneumoseg.evaluation.metrics import gated_dice
 
     with pytest.raises(ValueError, match="expected"):
         gated_dice([[1, 2]], [[1, 2]], [1], 10)
@@ -155,7 +155,7 @@ def test_evaluate_reports_gated_dice():
     parameters come from the same areas as the hand cases."""
     from torch import nn
 
-    from pneumoseg import engine
+    from pneumoseg.training import engine
 
     class Probe(nn.Module):  # logit such that sigmoid(logit) == image channel 0
         def forward(self, x):

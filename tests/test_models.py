@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pneumoseg.models import ARCHITECTURES, build_model, load_encoder_weights, split_output
+from pneumoseg.models.registry import ARCHITECTURES, build_model, load_encoder_weights, split_output
 
 BASE = {
     "encoder_weights": None,

@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from pneumoseg.cache import CACHE_MARKER, build_cache, cache_dir, remove_cache
 from pneumoseg.config import load_config, save_config
+from pneumoseg.data.cache import CACHE_MARKER, build_cache, cache_dir, remove_cache
+from pneumoseg.data.synthetic import INFO, MARKER, read_marker, synthetic_ids, write_dataset
 from pneumoseg.errors import CacheError, UserError
-from pneumoseg.synthetic import INFO, MARKER, read_marker, synthetic_ids, write_dataset
 
 from conftest import REPO, load_script, run_cli
 
@@ -200,7 +200,7 @@ def test_interrupted_removal_and_temp_files(tmp_path):
                 f"dicom-images-test/.{test_id}.dcm.zz99yy88.tmp": b"partial",
                 ".notes.txt.ab12cd34.tmp": b"a user's temp file"})  # fmt: skip
     (out / INFO).unlink()  # as if killed half-way through a removal
-    from pneumoseg.synthetic import remove_dataset
+    from pneumoseg.data.synthetic import remove_dataset
 
     assert remove_dataset(out) == [".notes.txt.ab12cd34.tmp"]
     assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, ".notes.txt.ab12cd34.tmp"])

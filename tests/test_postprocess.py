@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pneumoseg.postprocess import (
+from pneumoseg.postprocessing.postprocess import (
     Grid,
     ParamsError,
     apply_postprocess,

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoseg.data import normalize
-from pneumoseg.inference import Member, load_models, predict_probs, resize_to_original
-from pneumoseg.models import build_model, split_output
-from pneumoseg.rle import rle_encode
-from pneumoseg.submission import (
+from pneumoseg.data.dataset import normalize
+from pneumoseg.data.rle import rle_encode
+from pneumoseg.inference.ensemble import Member, load_models, predict_probs, resize_to_original
+from pneumoseg.inference.submission import (
     HEADER,
     check_submission,
     score_submission,
     validate_submission,
     write_submission,
 )
+from pneumoseg.models.registry import build_model, split_output
 
 from conftest import REPO, run_cli, run_script, tiny_overrides
 

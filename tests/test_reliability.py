@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from pneumoseg import engine
 from pneumoseg.errors import ModelFileError, StaleTuningError, TrainingDivergedError
+from pneumoseg.training import engine
 
 from conftest import REPO, run_cli, tiny_overrides
 
@@ -340,7 +340,7 @@ def test_kill_9_during_oof_tune_leaves_the_old_or_the_new_set(two_exps, tiny_dat
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         # the next reader (predict, the app, the next tuning) finishes or drops the killed one
-        from pneumoseg.predictor import postprocess_params
+        from pneumoseg.inference.predictor import postprocess_params
 
         cfg = _cfg(tiny_data, runs)
         postprocess_params(cfg)
@@ -531,7 +531,7 @@ def test_a_model_of_another_experiment_or_architecture_is_named(two_exps, tiny_d
 
 
 def test_unit_stale_source_without_record_only_warns(tmp_path, caplog):
-    from pneumoseg.provenance import check_source
+    from pneumoseg.inference.provenance import check_source
 
     cfg = {"cache": {"size": 64}, "oof": {"size": 32, "hflip": True}, "predict": {"tta": []},
            "folds": {"file": str(tmp_path / "none.csv")}}  # fmt: skip
@@ -568,7 +568,7 @@ def test_predict_image_rows_never_carry_a_hostile_file_name(two_exps, tiny_data,
 def test_submission_rows_neutralise_formulas(tmp_path):
     import csv
 
-    from pneumoseg.submission import write_submission
+    from pneumoseg.inference.submission import write_submission
 
     path = write_submission([("=1+1", "-1"), ("a,b\nc", "3 4"), ("ID_1", "-1")], tmp_path / "s.csv")
     rows = list(csv.reader(path.open(newline="")))
@@ -607,8 +607,8 @@ def test_a_second_cache_build_waits_for_the_first_then_reuses_it(tiny_data, tmp_
     import logging
     import threading
 
-    from pneumoseg.cache import build_cache, cache_dir
     from pneumoseg.config import load_config
+    from pneumoseg.data.cache import build_cache, cache_dir
     from pneumoseg.locks import exclusive, lock_file_for
 
     over = [*tiny_overrides(tiny_data), f"cache.dir={tmp_path / 'cache'}"]

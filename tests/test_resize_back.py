@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from pneumoseg.inference import Member, resize_to_original
-from pneumoseg.predictor import Predictor
+from pneumoseg.inference.ensemble import Member, resize_to_original
+from pneumoseg.inference.predictor import Predictor
 
 
 def _ramp(shape, axis):

@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from pneumoseg.errors import DataError, MissingFileError
-from pneumoseg.rle import (
+from pneumoseg.data.rle import (
     RLEError,
     absolute_to_relative,
     check_rle,
@@ -21,6 +20,7 @@ from pneumoseg.rle import (
     rle_to_runs,
     union_mask,
 )
+from pneumoseg.errors import DataError, MissingFileError
 
 ID_301 = "1.2.276.0.7230010.3.1.4.8323329.301.1517875162.280319"
 ID_307 = "1.2.276.0.7230010.3.1.4.8323329.307.1517875162.311533"
@@ -499,7 +499,7 @@ def test_csv_nul_byte_is_a_data_error(tmp_path):
 
 
 def test_csv_module_errors_are_data_errors(tmp_path, monkeypatch):
-    import pneumoseg.rle as rle_mod
+    import pneumoseg.data.rle as rle_mod
 
     p = _csv(tmp_path, "a,-1\nb,1 2 3 4 5 6 7 8 9 10 11 12\n")
     old = csv.field_size_limit()
@@ -514,7 +514,7 @@ def test_csv_module_errors_are_data_errors(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the manifest's bad rows
 def test_manifest_bad_rows_name_csv_line_and_id(real_dir, tmp_path, caplog):
-    from pneumoseg.data import build_manifest
+    from pneumoseg.data.dataset import build_manifest
 
     src = real_dir / "sample_images"
     dcms = sorted(src.glob("*.dcm"))
@@ -528,7 +528,7 @@ def test_manifest_bad_rows_name_csv_line_and_id(real_dir, tmp_path, caplog):
         rows.append(f"{i},{bad.get(i, '-1')}")
     (tmp_path / "rle.csv").write_text("\n".join(rows) + "\n")
     cfg = {"layout": "siim", "root": str(tmp_path), "train_images": ".", "rle_csv": "rle.csv"}
-    with caplog.at_level(logging.WARNING, logger="pneumoseg.data"):
+    with caplog.at_level(logging.WARNING, logger="pneumoseg.data.dataset"):
         df = build_manifest(cfg, "train", strict=False)
     assert sorted(df["id"]) == sorted(ids[7:])  # the bad rows are left out
     assert "7 mask(s) that do not fit their image" in caplog.text
@@ -541,7 +541,7 @@ def test_manifest_bad_rows_name_csv_line_and_id(real_dir, tmp_path, caplog):
 
 
 def test_manifest_csv_in_the_other_format(real_dir, tmp_path):
-    from pneumoseg.data import build_manifest
+    from pneumoseg.data.dataset import build_manifest
 
     src = real_dir / "sample_images"
     for f in src.glob("*.dcm"):
@@ -553,7 +553,7 @@ def test_manifest_csv_in_the_other_format(real_dir, tmp_path):
 
 
 def test_manifest_absolute_csv_read_as_relative(real_dir, tmp_path, caplog):
-    from pneumoseg.data import build_manifest
+    from pneumoseg.data.dataset import build_manifest
 
     src = real_dir / "sample_images"
     for f in src.glob("*.dcm"):
@@ -566,7 +566,7 @@ def test_manifest_absolute_csv_read_as_relative(real_dir, tmp_path, caplog):
     cfg = {"layout": "siim", "root": str(tmp_path), "train_images": ".", "rle_csv": "abs.csv"}
     df = build_manifest({**cfg, "rle_format": "absolute"}, "train")
     assert int(df["has_mask"].sum()) == 5
-    with caplog.at_level(logging.WARNING, logger="pneumoseg.data"):
+    with caplog.at_level(logging.WARNING, logger="pneumoseg.data.dataset"):
         df = build_manifest(cfg, "train")  # relative (default): the positives do not fit
     assert len(df) == 5 and not df["has_mask"].any()
     assert caplog.text.count("it looks like absolute RLE: set data.rle_format=absolute") == 5

@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
 
-from pneumoseg.samplers import (
+from pneumoseg.data.samplers import (
     EpochWeightedSampler,
     PositiveShareSampler,
     ShardedSampler,
     scheduled_share,
 )
-from pneumoseg.transforms import build_train_transforms, build_transforms
+from pneumoseg.data.transforms import build_train_transforms, build_transforms
 
 LABELS = np.array([True] * 22 + [False] * 78)
 

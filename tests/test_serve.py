@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from pneumoseg.config import load_config
-from pneumoseg.models import build_model
-from pneumoseg.rle import rle_decode
+from pneumoseg.data.rle import rle_decode
+from pneumoseg.models.registry import build_model
 
 from conftest import REPO
 

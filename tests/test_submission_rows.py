@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
+from pneumoseg.data.rle import CSV_FIELD_LIMIT, max_rle_chars, read_rle_csv, rle_decode, rle_encode
 from pneumoseg.errors import MissingFileError, SubmissionError
-from pneumoseg.rle import CSV_FIELD_LIMIT, max_rle_chars, read_rle_csv, rle_decode, rle_encode
-from pneumoseg.submission import (
+from pneumoseg.inference.submission import (
     read_sample_ids,
     score_submission,
     validate_submission,

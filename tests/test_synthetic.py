@@ -12,9 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from pneumoseg.io import read_dicom
-from pneumoseg.rle import read_rle_csv, rle_decode, union_mask
-from pneumoseg.synthetic import (
+from pneumoseg.data.rle import read_rle_csv, rle_decode, union_mask
+from pneumoseg.data.synthetic import (
     INFO,
     JPEG_BASELINE,
     MARKER,
@@ -24,6 +23,7 @@ from pneumoseg.synthetic import (
     render_record,
     write_dataset,
 )
+from pneumoseg.io import read_dicom
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 96
@@ -307,7 +307,7 @@ def test_refuses_overwrite(tmp_path):
 
 def test_marker_written_first(tmp_path, monkeypatch):
     """An interrupted generation is still the generator's: its marker precedes every data file."""
-    import pneumoseg.synthetic as syn
+    import pneumoseg.data.synthetic as syn
 
     written = []
     real = syn._write_case
@@ -334,8 +334,14 @@ def test_marker_written_first(tmp_path, monkeypatch):
     [
         (MARKER, "not json"),
         (MARKER, '{"generator": "someone.else", "n_train": 1, "n_test": 1, "seed": 0}'),
-        (MARKER, '{"generator": "pneumoseg.synthetic", "n_train": -1, "n_test": 1, "seed": 0}'),
-        (INFO, '{"generator": "pneumoseg.synthetic", "seed": 0}'),  # no counts: not a finished set
+        (
+            MARKER,
+            '{"generator": "pneumoseg.synthetic", "n_train": -1, "n_test": 1, "seed": 0}',
+        ),
+        (
+            INFO,
+            '{"generator": "pneumoseg.synthetic", "seed": 0}',
+        ),  # no counts: not a finished set
         (INFO, '{"generator": "kaggle", "train": {"images": 1}, "test": {"images": 1}}'),
     ],
 )

@@ -119,10 +119,10 @@ def test_ddp_two_cpu_processes_agree(tiny_data, tmp_path):
         f"sys.path.insert(0, {str(REPO / 'src')!r})\n"
         "import train\n"
         "from pneumoseg.cli import config_from_args\n"
-        "from pneumoseg.training import fit\n"
+        "from pneumoseg.training.fit import fit\n"
         "args = train.get_args(sys.argv[1:])\n"
         "out, model = fit(config_from_args(args), args.fold, quiet=True)\n"
-        "from pneumoseg.engine import init_distributed\n"
+        "from pneumoseg.training.engine import init_distributed\n"
         "d = init_distributed('cpu')\n"
         "names = [n for n, _ in model.named_parameters()]\n"
         "mine = torch.cat([p.detach().flatten() for p in model.parameters()])\n"
@@ -167,9 +167,9 @@ def test_worker_augmentations_reproducible_and_picklable():
     import pickle
     from types import SimpleNamespace
 
-    from pneumoseg import training as train
-    from pneumoseg.data import SegDataset
-    from pneumoseg.transforms import build_transforms
+    from pneumoseg.data.dataset import SegDataset
+    from pneumoseg.data.transforms import build_transforms
+    from pneumoseg.training import fit as train
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (8, 32, 32), dtype=np.uint8)
@@ -271,7 +271,7 @@ def test_resume_refuses_changed_settings_and_keeps_the_run(tiny_data):
     ],
 )
 def test_selection_score(row, select, expected):
-    from pneumoseg.training import selection_score
+    from pneumoseg.training.fit import selection_score
 
     assert selection_score(row, select, 7) == expected
 

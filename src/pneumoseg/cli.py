@@ -18,11 +18,10 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from pneumoseg.errors import UserError
+from pneumoseg.logs import setup_logging
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DEBUG_FLAG = "--debug"
 log = logging.getLogger("pneumoseg")
 
@@ -114,29 +113,6 @@ def make_parser(doc: str | None, override_example: str) -> argparse.ArgumentPars
     ap.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {override_example}")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return add_debug(ap)
-
-
-def setup_logging(verbose: bool = False, logfile: Path | None = None, quiet: bool = False) -> None:
-    """Log to stderr (and ``logfile``); ``quiet`` keeps only warnings (non-zero DDP ranks).
-
-    Handlers someone else installed (pytest's capture, a notebook's) are kept; a log file set by
-    an earlier call in the same process is replaced.
-    """
-    root = logging.getLogger()
-    root.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
-    formatter = logging.Formatter(LOG_FORMAT)
-    if not root.handlers:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(formatter)
-        root.addHandler(stream)
-    for old in [h for h in root.handlers if getattr(h, "_pneumoseg_logfile", False)]:
-        root.removeHandler(old)
-        old.close()
-    if logfile is not None:
-        fh = logging.FileHandler(logfile)
-        fh.setFormatter(formatter)
-        fh._pneumoseg_logfile = True  # type: ignore[attr-defined]
-        root.addHandler(fh)
 
 
 def config_from_args(args: argparse.Namespace) -> dict:

@@ -25,10 +25,15 @@ from typing import Any
 
 import yaml
 
+from pneumoseg.defaults import BASE_CONFIG, CONFIG_DIR, NULLABLE, base_defaults
+from pneumoseg.defaults import read_yaml as _read_yaml
 from pneumoseg.errors import ConfigError
 from pneumoseg.io import atomic_write
 
 __all__ = [
+    "BASE_CONFIG",
+    "CONFIG_DIR",
+    "NULLABLE",
     "ConfigError",
     "base_defaults",
     "dump_config",
@@ -38,35 +43,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-BASE_CONFIG = CONFIG_DIR / "base.yaml"
-
-
-def _read_yaml(path: Path, allow_empty: bool = False) -> dict:
-    if path.is_dir():
-        raise ConfigError(
-            f"{path} is a folder; --config takes a YAML file such as configs/demo.yaml"
-        )
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text (UTF-8) YAML file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if data is None:
-        if allow_empty:
-            return {}
-        raise ConfigError(
-            f"{path} is empty: an experiment file states what differs from configs/base.yaml "
-            "(e.g. 'exp: my_run'); run without --config to use the defaults"
-        )
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
 
 
 def _is_int(v: Any) -> bool:
@@ -115,15 +91,6 @@ NULL_DEFAULT_TYPES: dict[str, str] = {
     "predict.folds": "folds",
     "serve.concurrency": "int",
     "serve.queue": "int",
-}
-
-# Keys with a non-null default that also take null, and what null means there.
-NULLABLE: dict[str, str] = {
-    "data.original_size": "image sizes are not checked",
-    "data.sample_submission": "one row per test image",
-    "model.encoder": "none: the family has its own (doubleunet, unet_classic)",
-    "model.encoder_weights": "from scratch",
-    "predict.tta": "no test-time augmentation",
 }
 
 
@@ -228,11 +195,6 @@ def load_config(
 
         validate_config(cfg)
     return cfg
-
-
-def base_defaults() -> dict:
-    """configs/base.yaml as a dict: every key with its default (a fresh copy on each call)."""
-    return _read_yaml(BASE_CONFIG)
 
 
 def dump_config(cfg: Mapping) -> str:

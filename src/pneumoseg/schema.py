@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from pneumoseg.errors import ConfigError
@@ -121,7 +121,7 @@ def _folds(f: Mapping, cfg: Mapping) -> Iterator[str]:
 
 
 def _model(m: Mapping, cfg: Mapping) -> Iterator[str]:
-    from pneumoseg.families import archs, family_for
+    from pneumoseg.models.families import archs, family_for
 
     yield from _choice("model.arch", m["arch"], archs())
     if m["arch"] in archs():
@@ -159,7 +159,7 @@ def _sampler(s: Mapping, cfg: Mapping) -> Iterator[str]:
 
 
 def _augment(a: Mapping, cfg: Mapping) -> Iterator[str]:
-    from pneumoseg.transforms import LIMITS
+    from pneumoseg.data.transforms import LIMITS
 
     for section in ("augment", "augment_neg"):
         values = cfg[section]
@@ -201,7 +201,7 @@ def _train(t: Mapping, cfg: Mapping) -> Iterator[str]:
     yield from _choice("train.scheduler", t["scheduler"], SCHEDULERS)
     yield from _choice("train.select", t["select"], SELECT_METRICS)
     if t["select"] == "val_loss":
-        from pneumoseg.families import archs, family_for
+        from pneumoseg.models.families import archs, family_for
 
         arch = cfg["model"]["arch"]
         if arch in archs() and not family_for(arch).has_eval_loss:
@@ -281,7 +281,7 @@ def _tune(t: Mapping, cfg: Mapping) -> Iterator[str]:
 def _options(options: Any, cfg: Mapping) -> Iterator[str]:
     if options is None:
         return
-    from pneumoseg.families import archs, family_for
+    from pneumoseg.models.families import archs, family_for
 
     if not isinstance(options, Mapping):
         yield f"tune.options: must be a mapping {{option: [values]}}, got {options!r}"
@@ -318,7 +318,6 @@ def _fold_list(key: str, folds: Any, cfg: Mapping, allow_full: bool = False) -> 
 def _predict(p: Mapping, cfg: Mapping) -> Iterator[str]:
     yield from _experiments(p["experiments"])
     yield from _fold_list("predict.folds", p["folds"], cfg, allow_full=True)
-    from pneumoseg.inference import parse_tta
 
     try:
         parse_tta(p["tta"])
@@ -387,3 +386,51 @@ _SECTIONS: dict[str, Callable[[Any, Mapping], Iterator[str]]] = {
     "predict": _predict,
     "serve": _serve,
 }
+
+
+# --------------------------------------------------------------------------------------------------
+# readings of the config that later stages share (they live here: validation uses them too)
+# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
+# Loading
+# ==================================================================================================
+def experiment_list(cfg: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """``predict.experiments`` as ``[(exp, weight), ...]``; empty -> ``[(cfg.exp, 1.0)]``."""
+    raw = cfg["predict"].get("experiments") or []
+    out = []
+    for item in raw:
+        if isinstance(item, str):
+            name, weight = item, 1.0
+        elif isinstance(item, Sequence) and len(item) == 2:
+            name, weight = str(item[0]), float(item[1])
+        else:
+            raise ConfigError(f"predict.experiments entries must be [exp, weight], got {item!r}")
+        if not weight > 0 or not math.isfinite(weight):
+            raise ConfigError(f"predict.experiments: weight of {name!r} must be > 0, got {weight}")
+        out.append((name, weight))
+    return out or [(str(cfg["exp"]), 1.0)]
+
+
+# ==================================================================================================
+# TTA
+# ==================================================================================================
+def parse_tta(tta) -> tuple[bool, bool, list[float]]:
+    """``[hflip, vflip, 0.875, ...]`` -> (hflip, vflip, extra scale factors)."""
+    hflip = vflip = False
+    scales: list[float] = []
+    for t in tta or []:
+        if isinstance(t, str) and t.lower() in ("hflip", "vflip"):
+            hflip |= t.lower() == "hflip"
+            vflip |= t.lower() == "vflip"
+            continue
+        try:
+            s = float(t)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"predict.tta: unknown view {t!r}; valid: hflip, vflip, or a scale like 0.875"
+            ) from None
+        if not 0.25 <= s <= 4:
+            raise ConfigError(f"predict.tta: scale {s} out of range [0.25, 4]")
+        if s != 1.0 and s not in scales:
+            scales.append(s)
+    return hflip, vflip, scales

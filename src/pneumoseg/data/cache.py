@@ -65,8 +65,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pneumoseg.data import build_manifest, dataset_name, load_manifest, read_image, read_mask
-from pneumoseg.data import save_manifest as _save_manifest
+from pneumoseg.data.resize import IMAGE_INTERP, MASK_INTERP, resize_image, resize_mask
+from pneumoseg.data.dataset import build_manifest, dataset_name, load_manifest, read_image, read_mask
+from pneumoseg.data.dataset import save_manifest as _save_manifest
 from pneumoseg.errors import CacheError, DiskSpaceError
 from pneumoseg.io import atomic_save, atomic_write
 from pneumoseg.locks import exclusive, lock_file_for
@@ -74,38 +75,16 @@ from pneumoseg.locks import exclusive, lock_file_for
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-IMAGE_INTERP = "INTER_AREA"
-MASK_INTERP = "INTER_AREA coverage >= 0.5"
 TODO, DONE, FAILED = 0, 1, 2
 _FILES = ("meta.json", "done.npy", "images.npy", "masks.npy", "manifest.csv")
 # Written first into a cache folder (before any of _FILES): only a folder that carries it (or, for
 # caches built before it existed, a cache's meta.json) has its files deleted on a rebuild.
 CACHE_MARKER = ".pneumoseg-cache"
-CACHE_GENERATOR = "pneumoseg.cache"
+CACHE_GENERATOR = "pneumoseg.cache"  # a stored value: kept when the module moved
 _SHOW = 5
 _RERUN = "run src/preprocess.py again (add --force if that does not fix it)"
 _BLOCK = 4096  # allocation granularity assumed for the disk-space estimates
 _NOSPACE = {errno.ENOSPC, errno.EDQUOT}
-
-
-# ==================================================================================================
-# Resizing (one image + mask)
-# ==================================================================================================
-def resize_image(img: np.ndarray, size: int) -> np.ndarray:
-    """uint8 H×W -> uint8 size×size with ``INTER_AREA`` (identity when already that size)."""
-    if img.shape == (size, size):
-        return np.ascontiguousarray(img)
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-
-
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """uint8 0/1 H×W -> uint8 0/1 size×size: area coverage of each output pixel ``>= 0.5``."""
-    if mask.shape == (size, size):
-        return (mask > 0).astype(np.uint8)
-    if not mask.any():
-        return np.zeros((size, size), dtype=np.uint8)
-    cover = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
-    return (cover >= 0.5 - 1e-6).astype(np.uint8)
 
 
 def _process(index: int, row: dict, size: int) -> tuple[int, Any, Any, str]:
@@ -699,7 +678,7 @@ def build_cache(
 ) -> Cache:
     """Build (or resume, or verify) the cache for ``split`` of the dataset in ``cfg``.
 
-    ``manifest`` defaults to :func:`pneumoseg.data.build_manifest` of ``cfg["data"]``. ``force``
+    ``manifest`` defaults to :func:`pneumoseg.data.dataset.build_manifest` of ``cfg["data"]``. ``force``
     rebuilds from scratch. ``on_written(i)`` is called after entry ``i`` is written to its file
     and before its flag is set (tests use it to simulate a crash). Entries not done — never built,
     interrupted, or FAILED before (retried: the image may have been fixed) — are (re)processed.

@@ -44,7 +44,7 @@ import pandas as pd
 
 from pneumoseg import io as pio
 from pneumoseg.errors import ConfigError, DataError, MissingFileError
-from pneumoseg.rle import read_rle_csv, rle_decode, union_mask
+from pneumoseg.data.rle import read_rle_csv, rle_decode, union_mask
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +157,9 @@ class ManifestProblems:
 # ==================================================================================================
 def data_defaults() -> dict[str, Any]:
     """The ``data:`` section of configs/base.yaml: the one place defaults live."""
-    from pneumoseg.config import load_config
+    from pneumoseg.defaults import base_defaults
 
-    return dict(load_config()["data"])
+    return dict(base_defaults()["data"])
 
 
 def _resolve_cfg(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -731,7 +731,7 @@ def instance_masks(cache, k: int, union: np.ndarray) -> list[np.ndarray]:
     size = union.shape[0]
     csv_path = str(row.get("rle_csv", "") or "")
     if row.get("source") != "png" and csv_path:
-        from pneumoseg.cache import resize_mask
+        from pneumoseg.data.resize import resize_mask
 
         relative = str(row.get("rle_format") or "relative") == "relative"
         shape = (int(row["height"]), int(row["width"]))

@@ -45,7 +45,7 @@ import numpy as np
 
 from pneumoseg.errors import ConfigError, OutputExistsError
 from pneumoseg.io import atomic_write
-from pneumoseg.rle import rle_encode
+from pneumoseg.data.rle import rle_encode
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ OUTPUT_DIRS = (TRAIN_DIR, TEST_DIR, PNG_IMAGES, PNG_MASKS)
 # existed, the generator's synthetic_info.json) is the generator's, and only such a folder is ever
 # cleared. JSON: the generator, a version and the plan parameters, which name every file written.
 MARKER = ".pneumoseg-synthetic"
-GENERATOR = "pneumoseg.synthetic"
+GENERATOR = "pneumoseg.synthetic"  # stored in every set written: kept when the module moved
 PLAN_KEYS = ("n_train", "n_test", "seed", "positive_rate", "png")
 
 UID_ROOT = "1.2.276.0.7230010.3.1"  # the competition's UID root (…3.1.{2,3,4}.8323329.n.t.r)

@@ -21,7 +21,6 @@ one forward pass: with scales ≤ 1 that is every view.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pneumoseg.data import normalize  # the training normalisation, applied on the device
-from pneumoseg.engine import autocast, load_torch, load_weights
-from pneumoseg.errors import ConfigError, MissingFileError, ModelFileError
-from pneumoseg.families import family_for
-from pneumoseg.models import build_model
+from pneumoseg.data.dataset import normalize  # the training normalisation, applied on the device
+from pneumoseg.errors import MissingFileError, ModelFileError
+from pneumoseg.models.families import family_for
+from pneumoseg.models.registry import build_model
+from pneumoseg.schema import experiment_list, parse_tta
+from pneumoseg.training.engine import autocast, load_torch, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +52,6 @@ class Member(NamedTuple):
     weight: float
     cfg: dict
     path: Path | None = None  # the model.pt it was loaded from
-
-
-# ==================================================================================================
-# Loading
-# ==================================================================================================
-def experiment_list(cfg: Mapping[str, Any]) -> list[tuple[str, float]]:
-    """``predict.experiments`` as ``[(exp, weight), ...]``; empty -> ``[(cfg.exp, 1.0)]``."""
-    raw = cfg["predict"].get("experiments") or []
-    out = []
-    for item in raw:
-        if isinstance(item, str):
-            name, weight = item, 1.0
-        elif isinstance(item, Sequence) and len(item) == 2:
-            name, weight = str(item[0]), float(item[1])
-        else:
-            raise ConfigError(f"predict.experiments entries must be [exp, weight], got {item!r}")
-        if not weight > 0 or not math.isfinite(weight):
-            raise ConfigError(f"predict.experiments: weight of {name!r} must be > 0, got {weight}")
-        out.append((name, weight))
-    return out or [(str(cfg["exp"]), 1.0)]
 
 
 def _fold_dirs(exp_dir: Path, folds, n_folds: int) -> list[Path]:
@@ -233,31 +213,6 @@ def load_models(cfg: Mapping[str, Any], device="cpu", channels_last: bool = True
             )
             members.append(m)
     return members
-
-
-# ==================================================================================================
-# TTA
-# ==================================================================================================
-def parse_tta(tta) -> tuple[bool, bool, list[float]]:
-    """``[hflip, vflip, 0.875, ...]`` -> (hflip, vflip, extra scale factors)."""
-    hflip = vflip = False
-    scales: list[float] = []
-    for t in tta or []:
-        if isinstance(t, str) and t.lower() in ("hflip", "vflip"):
-            hflip |= t.lower() == "hflip"
-            vflip |= t.lower() == "vflip"
-            continue
-        try:
-            s = float(t)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"predict.tta: unknown view {t!r}; valid: hflip, vflip, or a scale like 0.875"
-            ) from None
-        if not 0.25 <= s <= 4:
-            raise ConfigError(f"predict.tta: scale {s} out of range [0.25, 4]")
-        if s != 1.0 and s not in scales:
-            scales.append(s)
-    return hflip, vflip, scales
 
 
 def _flips(hflip: bool, vflip: bool) -> list[tuple[int, ...]]:

@@ -33,13 +33,13 @@ def postprocess_params(cfg: Mapping[str, Any], members: Sequence | None = None) 
     """The post-processing ``oof_tune.py`` tuned for this config (for a blend: on the blend's OOF
     maps, under the blend config's own ``exp``), or threshold 0.5 with a warning. A tuning made
     for other models or settings than ``members`` and ``cfg`` is refused
-    (:func:`pneumoseg.provenance.check_source`)."""
+    (:func:`pneumoseg.inference.provenance.check_source`)."""
     from pneumoseg.errors import RunLockedError
-    from pneumoseg.inference import experiment_list
+    from pneumoseg.inference.ensemble import experiment_list
+    from pneumoseg.inference.provenance import check_source
     from pneumoseg.io import recover_together
     from pneumoseg.locks import exclusive, lock_file_for
-    from pneumoseg.postprocess import load_params
-    from pneumoseg.provenance import check_source
+    from pneumoseg.postprocessing.postprocess import load_params
 
     path = postprocess_path(cfg)
     if path.parent.is_dir():
@@ -66,7 +66,7 @@ def postprocess_params(cfg: Mapping[str, Any], members: Sequence | None = None) 
 def apply_model_options(members, options: Mapping[str, float]) -> None:
     """Set the tuned inference options (``model_options`` of postprocess.yaml) on the models whose
     family has them (e.g. a detector's ``min_score``)."""
-    from pneumoseg.families import family_for
+    from pneumoseg.models.families import family_for
 
     for m in members:
         family = family_for(m.cfg)
@@ -80,8 +80,8 @@ class Predictor:
     """The ensemble plus everything needed to turn images into probabilities, masks and RLEs."""
 
     def __init__(self, cfg: dict, relative: bool = True):
-        from pneumoseg import engine
-        from pneumoseg.inference import load_models, parse_tta
+        from pneumoseg.inference.ensemble import load_models, parse_tta
+        from pneumoseg.training import engine
 
         self.cfg = cfg
         self.size = int(cfg["cache"]["size"])
@@ -104,7 +104,7 @@ class Predictor:
 
     def probs(self, images, sizes):
         """uint8 (N, S, S) -> (list of float32 probabilities at ``sizes``, cls (N,) or None)."""
-        from pneumoseg.inference import predict_probs, resize_to_original
+        from pneumoseg.inference.ensemble import predict_probs, resize_to_original
 
         p, cls = predict_probs(self.members, images, self.tta, self.device, self.dtype)
         full = resize_to_original(p, sizes)
@@ -113,7 +113,7 @@ class Predictor:
     def probs_of(self, originals: Sequence[np.ndarray]):
         """Images at their own sizes (uint8 2-D) -> probabilities at those sizes, cls or None:
         resized to ``cache.size`` exactly as the cache resizes them."""
-        from pneumoseg.cache import resize_image
+        from pneumoseg.data.resize import resize_image
 
         small = np.stack([resize_image(im, self.size) for im in originals])
         return self.probs(small, [im.shape for im in originals])
@@ -121,8 +121,8 @@ class Predictor:
     def finish(self, prob, cls_prob, params: Mapping | None = None):
         """Probabilities at original size -> (mask, rle), with the tuned post-processing (or
         ``params``, e.g. another threshold)."""
-        from pneumoseg.postprocess import apply_postprocess, area_scale_for
-        from pneumoseg.rle import rle_encode
+        from pneumoseg.data.rle import rle_encode
+        from pneumoseg.postprocessing.postprocess import apply_postprocess, area_scale_for
 
         h, w = prob.shape
         mask = apply_postprocess(

@@ -18,10 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoseg.errors import MissingFileError, SubmissionError
-from pneumoseg.io import atomic_write
-from pneumoseg.metrics import dice_from_areas
-from pneumoseg.rle import (
+from pneumoseg.data.rle import (
     EMPTY,
     is_empty_rle,
     not_utf8_at,
@@ -30,6 +27,9 @@ from pneumoseg.rle import (
     rle_decode,
     union_mask,
 )
+from pneumoseg.errors import MissingFileError, SubmissionError
+from pneumoseg.evaluation.metrics import dice_from_areas
+from pneumoseg.io import atomic_write
 from pneumoseg.safe_text import neutralise
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Model registry over segmentation-models-pytorch, and :func:`build_model` for every family.
 
-``build_model(cfg["model"])`` builds any family's model (:mod:`pneumoseg.families`). The smp
+``build_model(cfg["model"])`` builds any family's model (:mod:`pneumoseg.models.families`). The smp
 family (:func:`build_smp`) maps images (N, C, H, W) float to ``mask`` logits (N, 1, H, W) and,
 with ``aux_head: true``, image-level "is there a pneumothorax" logits (N, 1) from smp's
 classification head (used by the empty-image gate); :func:`split_output` reads either form.
@@ -14,13 +14,17 @@ where that is impossible, point ``encoder_weights_path`` at a local file (the sm
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-import segmentation_models_pytorch as smp
 from torch import nn
 
-from pneumoseg.errors import DownloadError, MissingFileError, ModelFileError, UnknownNameError
-from pneumoseg.families import split_output
+from pneumoseg.models.families import split_output
+from pneumoseg.models.smp_models import (
+    ARCHITECTURES,
+    build_smp,
+    check_encoder,
+    load_encoder_weights,
+)
+from pneumoseg.models.weights import read_weights_file
 
 __all__ = [
     "ARCHITECTURES",
@@ -36,46 +40,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "unet": smp.Unet,
-    "unetplusplus": smp.UnetPlusPlus,
-    "fpn": smp.FPN,
-    "deeplabv3plus": smp.DeepLabV3Plus,
-}
-
-
-def _lookup(registry: dict, name: str, what: str):
-    try:
-        return registry[name.lower()]
-    except KeyError:
-        raise UnknownNameError(
-            f"unknown {what} {name!r}; valid: {', '.join(sorted(registry))}"
-        ) from None
-
-
-def check_encoder(name: str) -> None:
-    """Raise ``KeyError`` listing the valid names when ``name`` is no smp/timm encoder."""
-    if name.startswith("tu-"):
-        import timm
-
-        if not timm.is_model(name[3:]):
-            raise UnknownNameError(
-                f"unknown timm encoder {name!r} (timm has no model {name[3:]!r})"
-            )
-        return
-    from segmentation_models_pytorch.encoders import encoders
-
-    if name not in encoders:
-        raise UnknownNameError(
-            f"unknown encoder {name!r}; valid smp encoders: {', '.join(sorted(encoders))}, "
-            "or any timm model as 'tu-<name>'"
-        )
-
 
 def build_model(cfg: dict) -> nn.Module:
     """Build the model the ``model`` config section describes, through its family
-    (:mod:`pneumoseg.families`: smp, Mask R-CNN, Double U-Net, classic U-Net)."""
-    from pneumoseg.families import family_for
+    (:mod:`pneumoseg.models.families`: smp, Mask R-CNN, Double U-Net, classic U-Net)."""
+    from pneumoseg.models.families import family_for
 
     return family_for(cfg).build(cfg)
 
@@ -84,108 +53,6 @@ def model_cfg(cfg: dict) -> dict:
     """The ``model`` section of a resolved config plus ``input_size`` (= ``cache.size``, the side
     of every image the model sees; detectors size their internal transform to it)."""
     return {**cfg["model"], "input_size": int(cfg["cache"]["size"])}
-
-
-def build_smp(cfg: dict) -> nn.Module:
-    """An smp architecture (``ARCHITECTURES``) over an smp/timm encoder."""
-    arch = _lookup(ARCHITECTURES, cfg["arch"], "architecture")
-    encoder = cfg["encoder"]
-    check_encoder(encoder)
-    weights = cfg.get("encoder_weights")
-    weights_path = cfg.get("encoder_weights_path")
-    kwargs = {}
-    if cfg.get("decoder_channels"):
-        # Smaller decoders make CPU demos and tests fast; smp's default is (256, 128, 64, 32, 16).
-        kwargs["decoder_channels"] = tuple(int(c) for c in cfg["decoder_channels"])
-    if cfg.get("aux_head"):
-        kwargs["aux_params"] = {"classes": 1, "dropout": float(cfg.get("aux_dropout", 0.0))}
-    try:
-        model = arch(
-            encoder_name=encoder,
-            encoder_weights=None if weights_path else weights,
-            in_channels=int(cfg.get("in_channels", 3)),
-            classes=1,
-            **kwargs,
-        )
-    except (OSError, ConnectionError, RuntimeError) as e:
-        if weights and not weights_path and _looks_like_download_error(e):
-            raise DownloadError(
-                f"could not download {weights!r} weights for encoder {encoder!r} "
-                f"({type(e).__name__}: {str(e)[:200]}). This machine looks offline. Download the "
-                f"weights where there is internet (smp-hub/{encoder}.{weights} on the Hugging Face "
-                "hub, file model.safetensors) and set model.encoder_weights_path=/path/to/file, "
-                "or train from scratch with model.encoder_weights=null."
-            ) from e
-        raise
-    if weights_path:
-        load_encoder_weights(model, weights_path)
-    return model
-
-
-def _looks_like_download_error(e: BaseException) -> bool:
-    text = f"{type(e).__name__} {e}".lower()
-    keys = ("connection", "network", "resolve", "hub", "internet", "url", "offline", "timed out")
-    return isinstance(e, (OSError, ConnectionError)) or any(k in text for k in keys)
-
-
-def read_weights_file(path: str | Path, what: str = "model.encoder_weights_path"):
-    """What a ``.safetensors`` or ``torch.save`` file holds (``weights_only=True``); typed errors
-    name the file when it is missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{what}: no such file {path}")
-    if path.suffix != ".safetensors":
-        from pneumoseg.engine import load_torch  # engine imports this module
-
-        return load_torch(path, what=what)
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own SafetensorError
-        raise ModelFileError(
-            f"{what} {path}: not a readable safetensors file ({type(e).__name__})"
-        ) from None
-
-
-def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
-    """Load an encoder state dict from ``path`` into ``model.encoder``.
-
-    Accepts ``.safetensors`` or ``torch.save`` files (loaded with ``weights_only=True``); keys of a
-    classifier head (``fc.``, ``classifier.``, ``head.``) are ignored. A 3-channel first conv is
-    summed to 1 channel when the model takes grey images (what smp does for ImageNet weights).
-    """
-    path = Path(path)
-    state = read_weights_file(path)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelFileError(f"model.encoder_weights_path {path}: holds no state dict")
-    state = {k.removeprefix("encoder."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier.", "head."))}
-    own = model.encoder.state_dict()
-    for key, value in list(state.items()):
-        target = own.get(key)
-        if target is not None and value.ndim == 4 and value.shape[1] != target.shape[1]:
-            if target.shape[1] == 1:
-                state[key] = value.sum(1, keepdim=True)
-            else:
-                raise ModelFileError(
-                    f"{path}: {key} has {value.shape[1]} input channels, model expects "
-                    f"{target.shape[1]}"
-                )
-    # smp encoders override load_state_dict without returning the key report: call the base.
-    missing, unexpected = nn.Module.load_state_dict(model.encoder, state, strict=False)
-    if missing:
-        raise ModelFileError(
-            f"{path}: {len(missing)} encoder weights missing, e.g. {missing[:3]} "
-            "(is this the right encoder?)"
-        )
-    if unexpected:
-        log.warning(
-            "%s: ignored %d unexpected keys, e.g. %s", path, len(unexpected), unexpected[:3]
-        )
-    log.info("loaded encoder weights from %s", path)
 
 
 def count_parameters(model: nn.Module) -> int:

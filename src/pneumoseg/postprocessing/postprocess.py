@@ -64,8 +64,8 @@ import pandas as pd
 import yaml
 
 from pneumoseg.errors import ConfigError
+from pneumoseg.evaluation.metrics import SegConfusion, dice_from_areas
 from pneumoseg.io import atomic_write
-from pneumoseg.metrics import SegConfusion, dice_from_areas
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ INFO_KEYS = (
     "folds",
     "n_images",
     "exp",
-    "source",  # what the tuning was made from (pneumoseg.provenance): checked before use
+    "source",  # what the tuning was made from (pneumoseg.inference.provenance): checked before use
 )
 _REQUIRED = {
     "threshold": ("threshold",),
@@ -361,7 +361,7 @@ def _as_sources(sources: Iterable[Any], names: Sequence[str] | None) -> list[Sou
     for i, s in enumerate(sources):
         if isinstance(s, Source):
             src = Source(s.probs, s.truth, s.cls, s.name)
-        elif hasattr(s, "probs") and hasattr(s, "truth"):  # pneumoseg.oof.Oof
+        elif hasattr(s, "probs") and hasattr(s, "truth"):  # pneumoseg.training.oof.Oof
             src = Source(s.probs, s.truth, getattr(s, "cls", None))
         elif isinstance(s, (tuple, list)) and len(s) in (2, 3):
             src = Source(s[0], s[1], s[2] if len(s) == 3 else None)
@@ -591,7 +591,7 @@ def search(
     """Mean competition Dice of every post-processing setting of ``grids`` on OOF maps.
 
     Args:
-        sources: folds' OOF sets: :class:`pneumoseg.oof.Oof` objects (memmaps), :class:`Source`
+        sources: folds' OOF sets: :class:`pneumoseg.training.oof.Oof` objects (memmaps), :class:`Source`
             or ``(probs, truth[, cls])`` tuples; probabilities uint8 (float is converted).
         grids: the ``tune`` config section (``thresholds``, ``min_areas``, ``top_thresholds``,
             ``top_areas``, ``bottom_thresholds``, ``cls_thresholds``) or a :class:`Grid`.

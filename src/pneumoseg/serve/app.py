@@ -1,5 +1,5 @@
 """The FastAPI app: ``POST /api/predict``, ``GET /health`` and FastAPI's docs, over the same
-:class:`pneumoseg.predictor.Predictor` as ``predict.py`` (so a response and a submission row agree
+:class:`pneumoseg.inference.predictor.Predictor` as ``predict.py`` (so a response and a submission row agree
 pixel for pixel on the same image).
 
 Limits (the ``serve`` config section), in the order a request meets them:
@@ -254,7 +254,7 @@ class Service:
         self.predictor, self.problem = predictor, None
         if predictor is None:
             try:
-                from pneumoseg.predictor import Predictor
+                from pneumoseg.inference.predictor import Predictor
 
                 self.predictor = Predictor(dict(cfg), relative=cfg["predict"]["rle"] == "relative")
             except UserError as e:

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import os
-import pickle  # nosec B403
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,8 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pneumoseg.errors import ModelFileError, TrainingDivergedError, UnknownNameError
+from pneumoseg.evaluation.metrics import GATE_THRESHOLDS, dice_from_areas, gated_dice
 from pneumoseg.io import atomic_save
-from pneumoseg.metrics import GATE_THRESHOLDS, dice_from_areas, gated_dice
+from pneumoseg.models.weights import load_torch
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def to_device(batch: Mapping, device: torch.device, channels_last: bool) -> dict
 def _family(family):
     if family is not None:
         return family
-    from pneumoseg.families import family_for
+    from pneumoseg.models.families import family_for
 
     return family_for("unet")  # plain logit-map models (the smp family's contract)
 
@@ -252,7 +252,7 @@ def train_one_epoch(
     family=None,
 ) -> dict:
     """One pass over ``loader`` with gradient accumulation and clipping; returns mean losses.
-    ``family`` (:mod:`pneumoseg.families`) computes the loss from each batch."""
+    ``family`` (:mod:`pneumoseg.models.families`) computes the loss from each batch."""
     family = _family(family)
     model.train()
     accum = max(1, int(cfg["accum_steps"]))
@@ -543,51 +543,6 @@ def require_finite(state: Mapping, what: str) -> None:
             "are not saved. Lower train.lr, keep train.clip_grad > 0 or use train.amp=none, then "
             "start over with --force"
         )
-
-
-def load_torch(path: str | Path, map_location="cpu", what: str = "checkpoint"):
-    """``torch.load(weights_only=True)`` whose failures name the file and say what is wrong.
-
-    Only tensors and plain containers load: a file carrying code (pickled objects) is refused.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ModelFileError(f"{what} {path} is a folder, not a .pt file")
-    if not path.is_file():
-        raise ModelFileError(f"{what} not found: {path}")
-    size = path.stat().st_size
-    if size == 0:
-        raise ModelFileError(
-            f"{what} {path} is empty (0 bytes): it was never written completely; "
-            "retrain it or copy it again"
-        )
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    # torch.save writes a zip archive (PK..); files from torch < 1.6 are a bare pickle (0x80).
-    if not (magic.startswith(b"PK") or magic[:1] == b"\x80"):
-        raise ModelFileError(
-            f"{what} {path} is not a PyTorch file ({size} bytes, starts with {magic!r}); "
-            "point at a .pt file written by torch.save"
-        )
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        # The magic bytes say it is a torch/pickle file: a weights-only refusal then means it
-        # holds objects other than tensors (classes, functions: possibly code).
-        if "Weights only load failed" in text:
-            raise ModelFileError(
-                f"{what} {path} holds Python objects besides tensors (possibly code), so it is "
-                "refused: pneumoseg only loads plain weights (torch.load weights_only=True). "
-                "If you made it yourself and trust it, re-save its state_dict"
-            ) from None
-        raise ModelFileError(f"{what} {path} is not a PyTorch file ({size} bytes)") from None
-    except (EOFError, RuntimeError, OSError, ValueError, UnicodeDecodeError) as e:
-        kind = "truncated or corrupt" if "zip" in str(e).lower() else "not a PyTorch file"
-        raise ModelFileError(
-            f"{what} {path} is {kind} ({size} bytes; {type(e).__name__}); "
-            "retrain it or copy it again"
-        ) from None
 
 
 def load_weights(model: nn.Module, state: Mapping, path: str | Path, what: str = "weights") -> None:

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pneumoseg import engine
 from pneumoseg.config import log_config, save_config
 from pneumoseg.errors import FoldsError, MissingFileError, OutputExistsError, ResumeError
-from pneumoseg.families import family_for
+from pneumoseg.models.families import family_for
+from pneumoseg.training import engine
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class FoldData:
 
 def split_indices(cfg: Mapping, manifest, fold: int) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, validation rows) of the cache manifest for ``fold`` from the folds file."""
-    from pneumoseg.folds import fold_assignment
+    from pneumoseg.data.folds import fold_assignment
 
     ids = manifest["id"].astype(str)
     if fold < 0:
@@ -190,9 +190,9 @@ def split_indices(cfg: Mapping, manifest, fold: int) -> tuple[np.ndarray, np.nda
 
 
 def load_fold_data(cfg: Mapping, fold: int) -> FoldData:
-    from pneumoseg.cache import open_cache_for
-    from pneumoseg.data import SegDataset
-    from pneumoseg.transforms import build_train_transforms
+    from pneumoseg.data.cache import open_cache_for
+    from pneumoseg.data.dataset import SegDataset
+    from pneumoseg.data.transforms import build_train_transforms
 
     cache = open_cache_for(cfg, "train")
     train_idx, val_idx = split_indices(cfg, cache.manifest, fold)
@@ -234,7 +234,7 @@ def init_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset, sampler, tc: Mapping, shuffle: bool, seed: int, train: bool):
-    from pneumoseg.data import collate
+    from pneumoseg.data.dataset import collate
 
     workers = int(tc["num_workers"])
     return DataLoader(
@@ -253,7 +253,7 @@ def make_loader(dataset, sampler, tc: Mapping, shuffle: bool, seed: int, train: 
 
 
 def build_sampler(cfg: Mapping, has_mask, epochs: int, seed: int):
-    from pneumoseg.samplers import EpochWeightedSampler, PositiveShareSampler
+    from pneumoseg.data.samplers import EpochWeightedSampler, PositiveShareSampler
 
     kind = cfg["sampler"]["kind"]
     if kind == "positive_share":
@@ -288,9 +288,9 @@ class Job:
 
 
 def build_job(cfg: Mapping, data: FoldData, d, device, dtype, init: Path | None, ckpt_dir: Path):
-    from pneumoseg.losses import ComboLoss
-    from pneumoseg.models import build_model, count_parameters, model_cfg
-    from pneumoseg.samplers import ShardedSampler
+    from pneumoseg.data.samplers import ShardedSampler
+    from pneumoseg.models.losses import ComboLoss
+    from pneumoseg.models.registry import build_model, count_parameters, model_cfg
 
     tc = cfg["train"]
     family = family_for(cfg["model"])
@@ -505,8 +505,8 @@ def average_checkpoints(cfg, job: Job, model_path: Path) -> None:
 def write_oof(cfg, job: Job, data: FoldData, out: Path, device, dtype, fold: int,
               show: bool) -> None:  # fmt: skip
     """Predict the validation fold with the averaged model and score the maps just written."""
-    from pneumoseg.oof import load_oof, predict_oof
-    from pneumoseg.postprocess import evaluate_params
+    from pneumoseg.postprocessing.postprocess import evaluate_params
+    from pneumoseg.training.oof import load_oof, predict_oof
 
     tc = cfg["train"]
     job.model.load_state_dict(engine.load_torch(out / "model.pt", what="model file")["state_dict"])
@@ -527,7 +527,7 @@ def write_oof(cfg, job: Job, data: FoldData, out: Path, device, dtype, fold: int
 def write_option_oofs(cfg, job: Job, out: Path, ids, device, dtype, show: bool) -> None:
     """OOF maps for every setting of ``tune.options`` (the family's inference options, e.g. a
     detector's ``min_score``), each in its own sub-folder, for ``oof_tune.py`` to search."""
-    from pneumoseg.oof import option_folder, option_settings, predict_oof
+    from pneumoseg.training.oof import option_folder, option_settings, predict_oof
 
     for opts in option_settings(cfg["tune"]["options"]):
         for name, value in opts.items():
@@ -544,7 +544,7 @@ def check_disk_space(cfg: Mapping, job: Job, data: FoldData, out: Path, resume: 
     rather than fail after hours of training: checkpoints (top-k, model.pt, last.pt with the
     optimiser's state) and the OOF maps (of every ``tune.options`` setting)."""
     from pneumoseg.errors import DiskSpaceError
-    from pneumoseg.oof import option_settings
+    from pneumoseg.training.oof import option_settings
 
     weights = sum(t.numel() * t.element_size() for t in job.model.state_dict().values())
     moments = 2 if cfg["train"]["optimizer"] in ("adam", "adamw") else 1
@@ -602,8 +602,8 @@ def fit(cfg: dict, fold: int, resume: bool = False, force: bool = False, quiet: 
 
 
 def _fit_locked(cfg: dict, fold: int, d, out: Path, resume: bool, force: bool, quiet: bool):
-    from pneumoseg.cli import setup_logging
-    from pneumoseg.oof import has_oof
+    from pneumoseg.logs import setup_logging
+    from pneumoseg.training.oof import has_oof
 
     tc = cfg["train"]
     last_path, model_path = out / "last.pt", out / "model.pt"

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pneumoseg.engine import predict_batch
 from pneumoseg.errors import DataError, MissingFileError
 from pneumoseg.io import atomic_write, read_csv
+from pneumoseg.training.engine import predict_batch
 
 log = logging.getLogger(__name__)
 

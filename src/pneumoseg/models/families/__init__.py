@@ -75,7 +75,7 @@ class Family:
         """Problems for the keys of ``mcfg`` this family does not use that are set to anything but
         their default (``defaults``: base.yaml's ``model`` section) or off (null, false); each
         message names the key, this family and the families that do use the key."""
-        from pneumoseg.config import NULLABLE, base_defaults
+        from pneumoseg.defaults import NULLABLE, base_defaults
 
         if defaults is None:
             defaults = base_defaults()["model"]
@@ -163,7 +163,7 @@ def _load() -> None:
     import importlib
 
     for name in FAMILY_MODULES:
-        importlib.import_module(f"pneumoseg.families.{name}")
+        importlib.import_module(f"pneumoseg.models.families.{name}")
     _loaded = True
 
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumoseg.errors import ConfigError, DownloadError, MissingFileError, ModelFileError
-from pneumoseg.families import Family, Output, register
+from pneumoseg.models.families import Family, Output, register
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def _download_vgg19_state() -> dict:
 
 def load_vgg19_weights(model: DoubleUNet, weights: str | None, weights_path: str | None) -> None:
     if weights_path:
-        from pneumoseg.engine import load_torch  # engine imports the models
+        from pneumoseg.models.weights import load_torch
 
         path = Path(weights_path)
         if not path.is_file():

@@ -75,7 +75,7 @@ from pneumoseg.errors import (
     ModelFileError,
     UnknownNameError,
 )
-from pneumoseg.families import Family, Output, register
+from pneumoseg.models.families import Family, Output, register
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def _download(weights, encoder: str, what: str) -> dict:
 def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a ``torch.save`` / ``.safetensors`` file (unwrapping ``state_dict`` /
     ``model`` entries and DataParallel's ``module.`` prefix)."""
-    from pneumoseg.models import read_weights_file
+    from pneumoseg.models.weights import read_weights_file
 
     state = read_weights_file(path)
     for _ in range(3):

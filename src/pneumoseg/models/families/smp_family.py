@@ -1,5 +1,5 @@
 """The segmentation-models-pytorch family: U-Net, U-Net++, FPN, DeepLabV3+ over any smp/timm
-encoder (``pneumoseg.models`` holds the encoder registry and the offline weight loading)."""
+encoder (``pneumoseg.models.registry`` holds the encoder registry and the offline weight loading)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from pneumoseg.families import Family, register
+from pneumoseg.models.families import Family, register
 
 
 class SmpFamily(Family):
@@ -20,7 +20,7 @@ class SmpFamily(Family):
     hints: ClassVar[dict[str, str]] = {"aux_dropout": "only with model.aux_head=true"}
 
     def build(self, mcfg: Mapping[str, Any]) -> nn.Module:
-        from pneumoseg.models import build_smp
+        from pneumoseg.models.smp_models import build_smp
 
         return build_smp(dict(mcfg))
 
@@ -29,7 +29,7 @@ class SmpFamily(Family):
         return set(self.uses) - (set() if mcfg.get("aux_head") else {"aux_dropout"})
 
     def check(self, mcfg: Mapping[str, Any]) -> list[str]:
-        from pneumoseg.models import check_encoder
+        from pneumoseg.models.smp_models import check_encoder
 
         if mcfg.get("encoder") is None:
             return ["model.encoder: smp models need an encoder (e.g. resnet34), got null"]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pneumoseg.families import Family, register
+from pneumoseg.models.families import Family, register
 
 DEFAULT_WIDTH = 64
 DEFAULT_STAGES = 5

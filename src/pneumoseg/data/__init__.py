@@ -1,0 +1,1 @@
+"""Data: image readers and manifests, RLE, the preprocessing cache, folds, samplers, transforms, the synthetic generator."""

@@ -1,0 +1,1 @@
+"""Evaluation: the competition metric and its relatives."""

@@ -1,0 +1,1 @@
+"""Models: the registry of model families, the families themselves, losses."""
