@@ -8,7 +8,7 @@ CONFIG ?= configs/demo.yaml
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install lock test lint fast-test demo serve bench strip-notebooks clean-demo
+.PHONY: install lock test lint fast-test demo serve bench strip-notebooks check-notebooks clean-demo
 
 install: $(STAMP)
 
@@ -65,7 +65,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/bandit -q -c pyproject.toml -r src
-	$(PY) tools/strip_notebook.py --check notebooks/*.ipynb
+	$(VENV)/bin/lint-imports
+	$(MAKE) --no-print-directory check-notebooks
 
 test: lint
 	$(PY) -m pytest
@@ -89,8 +90,21 @@ bench: install
 	$(PY) benchmarks/bench_predict.py
 	$(PY) benchmarks/bench_train.py
 
+# Notebooks are committed without outputs (nbstripout): cell ids (stable), tags (the papermill
+# `parameters` cell) and the kernelspec stay; outputs, counts and volatile metadata go.
+NOTEBOOKS ?= notebooks/*.ipynb
+NBSTRIP := $(VENV)/bin/nbstripout --keep-id --extra-keys "metadata.language_info.version \
+	metadata.language_info.codemirror_mode metadata.language_info.pygments_lexer \
+	metadata.language_info.nbconvert_exporter metadata.language_info.file_extension \
+	metadata.language_info.mimetype metadata.papermill cell.metadata.papermill metadata.vscode \
+	metadata.colab metadata.toc metadata.varInspector cell.metadata.pycharm"
+
 strip-notebooks: install
-	$(PY) tools/strip_notebook.py notebooks/*.ipynb
+	$(NBSTRIP) $(NOTEBOOKS)
+
+# exit 1 (and name the file) when a notebook would be changed by strip-notebooks
+check-notebooks: install
+	$(NBSTRIP) --verify $(NOTEBOOKS)
 
 # Removes only what `make demo` made from its synthetic data, after checking each item (see
 # src/demo.py): anything else there (real data, another run) is refused and nothing is deleted.
