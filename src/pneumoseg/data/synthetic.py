@@ -43,9 +43,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pneumoseg.data.rle import rle_encode
 from pneumoseg.errors import ConfigError, OutputExistsError
 from pneumoseg.io import atomic_write
-from pneumoseg.data.rle import rle_encode
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ class _Canvas:
     scale: float
     shift_bits: int = 4
     maps: dict[str, np.ndarray] = field(default_factory=dict)
+    angle: float = 0.0  # the affine's rotation (radians): ellipses are drawn turned by it
 
     def px(self, pts: np.ndarray) -> np.ndarray:
         pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
@@ -268,26 +269,61 @@ def generate_case(
     Returns ``(image, masks)``: ``image`` uint8 H×W (MONOCHROME2: bright = dense), ``masks`` a list
     of uint8 0/1 H×W instance masks (empty when ``positive`` is false; 1–3 when true). With
     ``return_lungs`` a third item, the uint8 0/1 lung mask (for tests and plausibility checks).
+
+    The drawing steps below run in this order and draw from ``rng`` in this order: the same
+    generator state gives the same image, byte for byte.
     """
     if size < 32:
         raise ConfigError(f"size must be at least 32, got {size}")
+    a = _view_anatomy(rng, anatomy, view)
+    cv = _jittered_canvas(rng, size)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    body, dens = _draw_body(cv, a, yy, xx)
+    med = _draw_mediastinum(cv, a)
+    lungs, lung_any, lung_soft, dens = _draw_lungs(cv, rng, a, yy, med, dens)
+    content = _draw_vessels(cv, rng, a)
+    content = _add_parenchyma(rng, a, content)
+    masks = _draw_pneumothoraces(rng, lungs, size) if positive else []
+    if masks:
+        _air_and_pleural_line(rng, a, masks, lung_any, dens, content)
+    dens += content * lung_soft
+    dens += _draw_bones(cv, a) * body
+    _draw_distractors(cv, rng, a, dens)
+    image = _expose(rng, dens)
+    if return_lungs:
+        return image, masks, lung_any
+    return image, masks
+
+
+def _view_anatomy(
+    rng: np.random.Generator, anatomy: dict[str, float] | None, view: str
+) -> dict[str, float]:
+    """The case's anatomy (drawn when not given), adapted to the view."""
     a = sample_anatomy(rng) if anatomy is None else dict(anatomy)
     ap = view.upper() == "AP"
     if ap:  # AP: magnified heart, higher diaphragm
         a["heart_rx"] *= 1.15
         a["lung_bottom"] -= 0.03
-    # per-image geometry jitter: rotation, scale, shift about the image centre
+    return a
+
+
+def _jittered_canvas(rng: np.random.Generator, size: int) -> _Canvas:
+    """Per-image geometry jitter: rotation, scale, shift about the image centre."""
     ang = math.radians(rng.uniform(-3.0, 3.0))
     sc = rng.uniform(0.92, 1.06)
     shift = rng.uniform(-0.03, 0.03, 2)
     rot = sc * np.array([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]])
     affine = np.concatenate([rot, (np.array([0.5, 0.5]) - rot @ [0.5, 0.5] + shift)[:, None]], 1)
-    cv = _Canvas(size, affine, sc)
-    f32 = np.float32
-    n = size
-    cx = a["cx"]
+    return _Canvas(size, affine, sc, angle=ang)
 
-    # body (soft tissue), thicker in the middle, with shoulders and neck
+
+def _draw_body(
+    cv: _Canvas, a: dict[str, float], yy: np.ndarray, xx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Body (soft tissue), thicker in the middle, with shoulders and neck -> (body, density)."""
+    f32 = np.float32
+    n = cv.size
+    cx = a["cx"]
     hw = a["body_half_w"]
     body_pts = np.array(
         [
@@ -308,19 +344,24 @@ def generate_case(
     body = np.zeros((n, n), f32)
     cv.fill(body, body_pts, 1.0)
     body = cv2.GaussianBlur(body, (0, 0), 0.012 * n)
-    yy, xx = np.mgrid[0:n, 0:n].astype(f32) / n
     thick = 1.0 - 0.35 * np.clip(np.abs(xx - cx) / hw, 0, 1.2) ** 3
     dens = body * a["soft"] * thick
+    return body, dens
 
-    # mediastinum + heart: soft tissue that hides the lung behind it
-    med = np.zeros((n, n), f32)
+
+def _draw_mediastinum(cv: _Canvas, a: dict[str, float]) -> np.ndarray:
+    """Mediastinum + heart: soft tissue that hides the lung behind it (0..1)."""
+    n = cv.size
+    cx = a["cx"]
+    sc = cv.scale
+    med = np.zeros((n, n), np.float32)
     mw = a["med_half_w"] * 0.9
     cv.fill(med, np.array([[cx - mw, -0.1], [cx + mw, -0.1], [cx + mw, 1.1], [cx - mw, 1.1]]), 1.0)
     cv2.ellipse(
         med,
         tuple(int(v) for v in cv.px([[cx + a["heart_dx"], 0.62]])[0]),
         (int(a["heart_rx"] * n * sc * 16), int(a["heart_ry"] * n * sc * 16)),
-        math.degrees(ang) - 15,
+        math.degrees(cv.angle) - 15,
         0,
         360,
         1.0,
@@ -328,9 +369,20 @@ def generate_case(
         cv2.LINE_AA,
         cv.shift_bits,
     )
-    med = np.minimum(cv2.GaussianBlur(med, (0, 0), 0.006 * n), 1.0)
+    return np.minimum(cv2.GaussianBlur(med, (0, 0), 0.006 * n), 1.0)
 
-    # lungs
+
+def _draw_lungs(
+    cv: _Canvas,
+    rng: np.random.Generator,
+    a: dict[str, float],
+    yy: np.ndarray,
+    med: np.ndarray,
+    dens: np.ndarray,
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """The two lungs (dark) -> (lung masks, their union, the soft lung weight, the density)."""
+    f32 = np.float32
+    n = cv.size
     lungs = [np.zeros((n, n), np.uint8) for _ in range(2)]
     for lm, side in zip(lungs, (-1, 1), strict=True):
         cv2.fillPoly(lm, [cv.px(_lung_outline(a, side))], 1, cv2.LINE_8, cv.shift_bits)
@@ -340,9 +392,14 @@ def generate_case(
     base = np.clip((yy - a["lung_top"]) / (a["lung_bottom"] - a["lung_top"]), 0, 1)
     lung_level = a["lung_d"] + a["breast"] * base**2 + 0.04 * _smooth_noise(rng, n, 4)
     dens = dens - lung_soft * np.clip(dens - lung_level, 0, None)
+    return lungs, lung_any, lung_soft, dens
 
-    # lung content: vessels from each hilum + fine parenchymal texture
-    content = np.zeros((n, n), f32)
+
+def _draw_vessels(cv: _Canvas, rng: np.random.Generator, a: dict[str, float]) -> np.ndarray:
+    """Lung content: branching vessels from each hilum."""
+    n = cv.size
+    cx = a["cx"]
+    content = np.zeros((n, n), np.float32)
     for side in (-1, 1):
         hil = np.array([cx + side * (a["med_half_w"] + 0.035), 0.43 + rng.uniform(-0.02, 0.02)])
         for ang0 in np.linspace(-1.25, 1.25, int(rng.integers(8, 13))):
@@ -359,43 +416,73 @@ def generate_case(
                 a["vessel_d"],
                 5,
             )
-    content = cv2.GaussianBlur(content, (0, 0), max(0.5, 0.002 * n))
-    paren = rng.standard_normal((n, n)).astype(f32)
+    return cv2.GaussianBlur(content, (0, 0), max(0.5, 0.002 * n))
+
+
+def _add_parenchyma(
+    rng: np.random.Generator, a: dict[str, float], content: np.ndarray
+) -> np.ndarray:
+    """Lung content: the fine parenchymal texture over the vessels."""
+    n = content.shape[0]
+    paren = rng.standard_normal((n, n)).astype(np.float32)
     paren = cv2.GaussianBlur(paren, (0, 0), max(0.7, 0.003 * n))
     paren *= a["paren_d"] / (paren.std() + 1e-6)
     content += paren * (0.6 + 0.4 * _smooth_noise(rng, n, 6))
+    return content
 
-    # pneumothorax instances
+
+def _draw_pneumothoraces(
+    rng: np.random.Generator, lungs: list[np.ndarray], n: int
+) -> list[np.ndarray]:
+    """1-3 pneumothorax instances (uint8 0/1 masks), mostly in one lung, sometimes the other."""
+    f32 = np.float32
     masks: list[np.ndarray] = []
-    if positive:
-        grid = (np.mgrid[0:n, 0:n][0].astype(f32), np.mgrid[0:n, 0:n][1].astype(f32))
-        n_inst = int(rng.choice([1, 2, 3], p=[0.72, 0.2, 0.08]))
-        side_i = int(rng.integers(0, 2))
-        min_area = max(12, int(0.0008 * n * n))
-        for _ in range(n_inst):
-            if rng.random() < 0.25:  # sometimes the other lung
-                side_i = 1 - side_i
-            inst = _ptx_instance(rng, lungs[side_i], (-1, 1)[side_i], grid, min_area)
-            if inst is not None:
-                masks.append(inst)
+    grid = (np.mgrid[0:n, 0:n][0].astype(f32), np.mgrid[0:n, 0:n][1].astype(f32))
+    n_inst = int(rng.choice([1, 2, 3], p=[0.72, 0.2, 0.08]))
+    side_i = int(rng.integers(0, 2))
+    min_area = max(12, int(0.0008 * n * n))
+    for _ in range(n_inst):
+        if rng.random() < 0.25:  # sometimes the other lung
+            side_i = 1 - side_i
+        inst = _ptx_instance(rng, lungs[side_i], (-1, 1)[side_i], grid, min_area)
+        if inst is not None:
+            masks.append(inst)
+    return masks
+
+
+def _air_and_pleural_line(
+    rng: np.random.Generator,
+    a: dict[str, float],
+    masks: list[np.ndarray],
+    lung_any: np.ndarray,
+    dens: np.ndarray,
+    content: np.ndarray,
+) -> None:
+    """Pneumothorax air (darker, without markings), its bright visceral pleural line and the
+    denser collapsed lung beneath (``dens`` and ``content`` in place)."""
+    f32 = np.float32
+    n = dens.shape[0]
     ptx = np.zeros((n, n), np.uint8)
     for m in masks:
         ptx |= m
-    if masks:
-        ptx_soft = cv2.GaussianBlur(ptx.astype(f32), (0, 0), max(0.5, 0.001 * n))
-        content *= 1.0 - ptx_soft
-        dens -= ptx_soft * rng.uniform(0.6, 0.9) * a["lung_d"]
-        r = max(1, round(0.0025 * n))
-        ker = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-        pleura = (cv2.dilate(ptx, ker) & lung_any & (1 - ptx)).astype(f32)
-        pleura = cv2.GaussianBlur(pleura, (0, 0), max(0.5, 0.0008 * n))
-        dens += pleura * rng.uniform(0.15, 0.25)
-        # the collapsed lung beneath is a little denser
-        near = cv2.dilate(ptx, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (8 * r + 1,) * 2))
-        dens += (near & lung_any & (1 - ptx)).astype(f32) * 0.02
-    dens += content * lung_soft
+    ptx_soft = cv2.GaussianBlur(ptx.astype(f32), (0, 0), max(0.5, 0.001 * n))
+    content *= 1.0 - ptx_soft
+    dens -= ptx_soft * rng.uniform(0.6, 0.9) * a["lung_d"]
+    r = max(1, round(0.0025 * n))
+    ker = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    pleura = (cv2.dilate(ptx, ker) & lung_any & (1 - ptx)).astype(f32)
+    pleura = cv2.GaussianBlur(pleura, (0, 0), max(0.5, 0.0008 * n))
+    dens += pleura * rng.uniform(0.15, 0.25)
+    # the collapsed lung beneath is a little denser
+    near = cv2.dilate(ptx, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (8 * r + 1,) * 2))
+    dens += (near & lung_any & (1 - ptx)).astype(f32) * 0.02
 
-    bone = np.zeros((n, n), f32)
+
+def _draw_bones(cv: _Canvas, a: dict[str, float]) -> np.ndarray:
+    """Spine with vertebral end plates, clavicles, posterior and anterior ribs (blurred)."""
+    n = cv.size
+    cx = a["cx"]
+    bone = np.zeros((n, n), np.float32)
     sw = 0.034
     cv.fill(
         bone, np.array([[cx - sw, -0.1], [cx + sw, -0.1], [cx + sw, 1.1], [cx - sw, 1.1]]), 0.05
@@ -409,40 +496,53 @@ def generate_case(
             [cx + side * (0.04 + 0.3 * t), 0.14 - 0.05 * t + 0.025 * np.sin(np.pi * t * 1.5)], 1
         )
         cv.line(bone, pts, 0.1, 0.022)
-    # ribs: posterior (bright arcs from the spine) and anterior (fainter, sloping down medially)
     for side in (-1, 1):
-        for i in range(11):
-            y0 = a["lung_top"] - 0.03 + i * a["rib_gap"]
-            if y0 > a["lung_bottom"] - 0.02:
-                break
-            ext = hw * (0.72 + 0.25 * min(1.0, i / 4))
-            t = np.linspace(0, 1, 30)
-            pts = np.stack(
+        _draw_ribs(cv, a, bone, side)
+    return cv2.GaussianBlur(bone, (0, 0), max(0.5, 0.0015 * n))
+
+
+def _draw_ribs(cv: _Canvas, a: dict[str, float], bone: np.ndarray, side: int) -> None:
+    """Ribs of one side: posterior (bright arcs from the spine) and anterior (fainter, sloping
+    down medially)."""
+    cx = a["cx"]
+    hw = a["body_half_w"]
+    for i in range(11):
+        y0 = a["lung_top"] - 0.03 + i * a["rib_gap"]
+        if y0 > a["lung_bottom"] - 0.02:
+            break
+        ext = hw * (0.72 + 0.25 * min(1.0, i / 4))
+        t = np.linspace(0, 1, 30)
+        pts = np.stack(
+            [
+                cx + side * (0.03 + ext * np.sin(np.pi / 2 * t) ** 0.8),
+                y0 - 0.04 * np.sin(np.pi * t * 0.7) + (0.13 + 0.01 * i) * t**2.5,
+            ],
+            1,
+        )
+        cv.line(bone, pts, 0.065, a["rib_th"])
+        cv.line(bone, pts + np.array([0.0, a["rib_th"] * 0.45]), 0.035, a["rib_th"] * 0.2)  # cortex
+        if i < 7:
+            t2 = np.linspace(0, 1, 20)
+            x_lat = cx + side * ext * 0.95
+            pts2 = np.stack(
                 [
-                    cx + side * (0.03 + ext * np.sin(np.pi / 2 * t) ** 0.8),
-                    y0 - 0.04 * np.sin(np.pi * t * 0.7) + (0.13 + 0.01 * i) * t**2.5,
+                    x_lat + (cx + side * 0.1 - x_lat) * t2,
+                    y0 + 0.07 + 0.12 * t2 - 0.03 * np.sin(np.pi * t2),
                 ],
                 1,
             )
-            cv.line(bone, pts, 0.065, a["rib_th"])
-            cv.line(
-                bone, pts + np.array([0.0, a["rib_th"] * 0.45]), 0.035, a["rib_th"] * 0.2
-            )  # cortex
-            if i < 7:
-                t2 = np.linspace(0, 1, 20)
-                x_lat = cx + side * ext * 0.95
-                pts2 = np.stack(
-                    [
-                        x_lat + (cx + side * 0.1 - x_lat) * t2,
-                        y0 + 0.07 + 0.12 * t2 - 0.03 * np.sin(np.pi * t2),
-                    ],
-                    1,
-                )
-                cv.line(bone, pts2, 0.03, a["rib_th"] * 1.1)
-    bone = cv2.GaussianBlur(bone, (0, 0), max(0.5, 0.0015 * n))
-    dens += bone * body
+            cv.line(bone, pts2, 0.03, a["rib_th"] * 1.1)
 
-    # gastric bubble under the (image-right) left hemidiaphragm: dark, textureless — a distractor
+
+def _draw_distractors(
+    cv: _Canvas, rng: np.random.Generator, a: dict[str, float], dens: np.ndarray
+) -> None:
+    """Look-alikes that are no pneumothorax (``dens`` in place): a gastric bubble under the
+    (image-right) left hemidiaphragm, dark and textureless, and a skin fold, a faint curved edge
+    over a lung that mimics a pleural line."""
+    f32 = np.float32
+    n = cv.size
+    cx = a["cx"]
     if rng.random() < 0.5:
         bub = np.zeros((n, n), f32)
         bx = cx + a["med_half_w"] + a["lung_w"] * rng.uniform(0.35, 0.6)
@@ -457,7 +557,6 @@ def generate_case(
             1.0,
         )
         dens -= cv2.GaussianBlur(bub, (0, 0), 0.003 * n) * 0.18
-    # skin fold: a faint curved edge over a lung (mimics a pleural line) — a distractor
     if rng.random() < 0.2:
         side = int(rng.choice([-1, 1]))
         x0 = cx + side * (a["med_half_w"] + a["lung_w"] * rng.uniform(0.6, 0.9))
@@ -467,7 +566,12 @@ def generate_case(
         cv.line(fold, pts, 0.06, 0.003)
         dens += cv2.GaussianBlur(fold, (0, 0), max(0.5, 0.001 * n))
 
-    # exposure: window, gamma, heel effect, noise
+
+def _expose(rng: np.random.Generator, dens: np.ndarray) -> np.ndarray:
+    """The film: window, gamma, heel effect, noise, and text markers as on many real films ->
+    uint8 image."""
+    f32 = np.float32
+    n = dens.shape[0]
     dens = cv2.GaussianBlur(dens, (0, 0), max(0.4, 0.0008 * n))
     lo = rng.uniform(-0.02, 0.08)
     hi = rng.uniform(0.75, 0.95)
@@ -475,7 +579,6 @@ def generate_case(
     img = img ** rng.uniform(0.75, 1.35)
     img *= 1.0 + 0.06 * _smooth_noise(rng, n, 3)
     img = img * 255.0 + rng.normal(0, rng.uniform(1.5, 5.0), (n, n)).astype(f32)
-    # text markers, as on many real films
     if rng.random() < 0.4:
         text = str(rng.choice(["L", "R", "AP", "PORTABLE", "SUPINE"]))
         scale = n / 700 * rng.uniform(0.8, 1.5)
@@ -483,10 +586,7 @@ def generate_case(
         mark = np.zeros((n, n), np.uint8)
         cv2.putText(mark, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, 255, max(1, n // 300))
         img = np.maximum(img, mark.astype(f32))
-    image = np.clip(np.round(img), 0, 255).astype(np.uint8)
-    if return_lungs:
-        return image, masks, lung_any
-    return image, masks
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------
