@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from pneumoseg.cli import run
+from pneumoseg.data import folds_file
 from pneumoseg.data.folds import (
     TRAIN_ONLY,
     UNKNOWN_AREA_BIN,
@@ -298,7 +299,7 @@ def _load_cli():
 def test_cli_make(tmp_path, monkeypatch, caplog):
     cli = _load_cli()
     m = fake_manifest(7)
-    monkeypatch.setattr(cli, "_build_manifest", lambda dcfg: m)
+    monkeypatch.setattr(folds_file, "_build_manifest", lambda dcfg: m)
     out = tmp_path / "folds.csv"
     caplog.set_level("INFO")
     assert cli.main([f"folds.file={out}", "folds.n_folds=4", "folds.seed=3"]) == 0
@@ -314,9 +315,40 @@ def test_cli_make(tmp_path, monkeypatch, caplog):
     assert "--force" in caplog.text
     # too few patients -> clean error
     tiny = m.head(3)
-    monkeypatch.setattr(cli, "_build_manifest", lambda dcfg: tiny)
+    monkeypatch.setattr(folds_file, "_build_manifest", lambda dcfg: tiny)
     assert run(cli.main, [f"folds.file={tmp_path / 'x.csv'}"]) == 2
     assert "patients for 5 folds" in caplog.text
+
+
+def test_make_folds_from_config(tmp_path, monkeypatch):
+    """The library call behind the script: what it made and what it did with the file."""
+    from pneumoseg.config import load_config
+    from pneumoseg.errors import OutputExistsError
+
+    m = fake_manifest(7)
+    monkeypatch.setattr(folds_file, "_build_manifest", lambda dcfg: m)
+    out = tmp_path / "folds.csv"
+    cfg = load_config(None, [f"folds.file={out}", "folds.n_folds=4", "folds.seed=3"])
+    made = folds_file.make_folds(cfg)
+    assert (made.path, made.written, made.replaced, made.imported) == (out, True, False, False)
+    assert made.n_cv == 4 and made.n_train_only == 0 and made.leakage.patients == 0
+    assert list(made.report.index) == [0, 1, 2, 3, "all"] and "mean_area" in made.report_text()
+    assert read_folds(out)["id"].tolist() == sorted(m["id"]) == sorted(made.folds["id"])
+    again = folds_file.make_folds(cfg)  # identical: left alone
+    assert (again.written, again.replaced) == (False, False)
+    other = load_config(None, [f"folds.file={out}", "folds.n_folds=4", "folds.seed=4"])
+    first = out.read_text()
+    with pytest.raises(OutputExistsError, match="--force"):
+        folds_file.make_folds(other)
+    assert out.read_text() == first
+    forced = folds_file.make_folds(other, force=True)
+    assert (forced.written, forced.replaced) == (True, True) and out.read_text() != first
+    src = tmp_path / "foreign.csv"
+    src.write_text("fname,fold,exist_labels\na.png,0,1\nb.png,1,0\nc.png,stage_2,0\n")
+    over = [f"folds.import_from={src}", f"folds.file={tmp_path / 'imported.csv'}",
+            f"data.root={tmp_path / 'none'}"]  # fmt: skip
+    imported = folds_file.make_folds(load_config(None, over))
+    assert imported.imported and imported.written and imported.n_train_only == 1
 
 
 def test_cli_on_synthetic_set(tmp_path):
