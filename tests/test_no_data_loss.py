@@ -22,7 +22,7 @@ from pneumoseg.data.cache import CACHE_MARKER, build_cache, cache_dir, remove_ca
 from pneumoseg.data.synthetic import INFO, MARKER, read_marker, synthetic_ids, write_dataset
 from pneumoseg.errors import CacheError, UserError
 
-from conftest import REPO, load_script, run_cli
+from conftest import REPO, run_cli
 
 TINY = {  # configs/demo.yaml at 64 px, 2 folds of one step: the demo's logic, not its numbers
     "data": {"original_size": 64},
@@ -386,7 +386,8 @@ class Stop(UserError):
 def stages(monkeypatch):
     """The demo's stages, recorded and skipped (each stage has its own tests; here: what runs, in
     which order, with which flags). Those in ``real`` run; one in ``stop_at`` stops the demo."""
-    demo = load_script("demo")
+    from pneumoseg.demo import run as demo
+
     real_stage = demo.run_stage
     rec = SimpleNamespace(calls=[], real=set(), stop_at=set())
 
@@ -436,6 +437,35 @@ def test_demo_flow_fresh_clone_rerun_fresh(tmp_path, stages):
     assert {k for k in now if not k.startswith("data")} == {
         *theirs, "demo.yaml", "runs", "runs/demo", "submissions", "folds", "cache"}  # fmt: skip
     assert tree(tmp_path / "data") == data  # made again: the same set
+
+
+def test_run_demo_from_python_with_a_loaded_config(tmp_path, stages, monkeypatch):
+    """``pneumoseg.demo.run_demo(cfg)`` with a loaded config (overrides included): every stage
+    gets it as a --config file that loads back to it, gone once the demo returns; ``clean``
+    returns what it removed and no summary."""
+    from pneumoseg.demo import run as demo
+    from pneumoseg.demo import run_demo
+
+    cfg = load_config(demo_config(tmp_path), ["train.lr=0.002"])
+    recorded, seen = demo.run_stage, []  # the stages fixture's recorder
+
+    def stage(name, script, *args, timings):
+        if "--config" in args:
+            path = Path(args[args.index("--config") + 1])
+            seen.append((path, load_config(path)))
+        recorded(name, script, *args, timings=timings)
+
+    monkeypatch.setattr(demo, "run_stage", stage)
+    stages.stop_at.add("train")
+    with pytest.raises(Stop, match="stopped at train"):
+        run_demo(cfg, n_train=N_TRAIN, n_test=N_TEST)
+    assert [c[0] for c in stages.calls] == ["synthetic data", "preprocess", "folds", "train"]
+    assert len(seen) == 3 and all(loaded == cfg for _, loaded in seen), seen
+    assert not seen[0][0].exists()
+    result = run_demo(cfg, n_train=N_TRAIN, n_test=N_TEST, clean=True)
+    assert (result.mode, result.ran, result.removed) == ("clean", False, [])
+    with pytest.raises(ValueError, match="no summary"):
+        result.summary()
 
 
 @pytest.mark.slow
