@@ -169,3 +169,26 @@ def stop_serve(proc) -> str:
 
     proc.send_signal(signal.SIGINT)
     return proc.communicate(timeout=60)[0]
+
+
+@pytest.fixture(autouse=True)
+def _no_serve_redaction_leaks():
+    """The web app redacts foreign loggers at every handler of its process (serve.app
+    ``redact_foreign_logs``); in one test process that would withhold later tests' script logs:
+    take its filters off again after each test."""
+    yield
+    import logging
+    import sys
+
+    serve_app = sys.modules.get("pneumoseg.serve.app")
+    if serve_app is None:  # the app was never built in this process
+        return
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for f in list(getattr(logger, "filters", [])):
+            if isinstance(f, serve_app.RedactPydicom):
+                logger.removeFilter(f)
+        for handler in getattr(logger, "handlers", []):
+            for f in list(handler.filters):
+                if isinstance(f, serve_app.RedactForeign):
+                    handler.removeFilter(f)

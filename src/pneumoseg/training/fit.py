@@ -595,10 +595,16 @@ def fit(cfg: dict, fold: int, resume: bool = False, force: bool = False, quiet: 
     check_fold(cfg, fold)
     d = engine.init_distributed(cfg["train"]["device"])
     out = run_dir(cfg, fold)
+    new_exp = not out.parent.exists()
     # the lock sits beside the folder: --force moves the folder (and would move a lock inside it)
     lock = exclusive(lock_file_for(out), f"run folder {out}") if d.is_main else None
-    with lock or contextlib.nullcontext():
-        return _fit_locked(cfg, fold, d, out, resume, force, quiet)
+    try:
+        with lock or contextlib.nullcontext():
+            return _fit_locked(cfg, fold, d, out, resume, force, quiet)
+    finally:
+        if new_exp and d.is_main:  # a start that failed its checks leaves no folder behind
+            with contextlib.suppress(OSError):  # not empty: the run (or another) wrote there
+                out.parent.rmdir()
 
 
 def _fit_locked(cfg: dict, fold: int, d, out: Path, resume: bool, force: bool, quiet: bool):
