@@ -531,7 +531,7 @@ def test_a_model_of_another_experiment_or_architecture_is_named(two_exps, tiny_d
 
 
 def test_unit_stale_source_without_record_only_warns(tmp_path, caplog):
-    from pneumoseg.inference.provenance import check_source
+    from pneumoseg.tuning.provenance import check_source
 
     cfg = {"cache": {"size": 64}, "oof": {"size": 32, "hflip": True}, "predict": {"tta": []},
            "folds": {"file": str(tmp_path / "none.csv")}}  # fmt: skip

@@ -36,9 +36,9 @@ from pneumoseg.data import synthetic
 from pneumoseg.data.cache import cache_owner, remove_cache
 from pneumoseg.data.dataset import dataset_name
 from pneumoseg.errors import OutputExistsError
-from pneumoseg.inference.predictor import TUNING_FILES
 from pneumoseg.io import recover_together
 from pneumoseg.locks import exclusive, lock_file_for
+from pneumoseg.tuning import TUNING_FILES
 
 log = logging.getLogger(__name__)
 

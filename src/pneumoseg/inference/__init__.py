@@ -1,1 +1,1 @@
-"""Inference: ensembles of fold models with TTA, the Predictor, submissions, overlays, the tuning's provenance."""
+"""Inference: ensembles of fold models with TTA, the Predictor, submissions, overlays."""

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from pneumoseg.tuning import TUNING_FILES
+
 log = logging.getLogger("pneumoseg.predict")
 
 DEFAULT_PARAMS = {"method": "threshold", "threshold": 0.5, "min_area": 0}
-# the files oof_tune.py replaces as one set (pneumoseg.io.replace_together)
-TUNING_FILES = ("oof_report.csv", "oof_grid.csv", "oof_grid.png", "postprocess.yaml")
 
 
 def postprocess_path(cfg: Mapping[str, Any]) -> Path:
@@ -33,13 +33,13 @@ def postprocess_params(cfg: Mapping[str, Any], members: Sequence | None = None) 
     """The post-processing ``oof_tune.py`` tuned for this config (for a blend: on the blend's OOF
     maps, under the blend config's own ``exp``), or threshold 0.5 with a warning. A tuning made
     for other models or settings than ``members`` and ``cfg`` is refused
-    (:func:`pneumoseg.inference.provenance.check_source`)."""
+    (:func:`pneumoseg.tuning.provenance.check_source`)."""
     from pneumoseg.errors import RunLockedError
     from pneumoseg.inference.ensemble import experiment_list
-    from pneumoseg.inference.provenance import check_source
     from pneumoseg.io import recover_together
     from pneumoseg.locks import exclusive, lock_file_for
     from pneumoseg.postprocessing.postprocess import load_params
+    from pneumoseg.tuning.provenance import check_source
 
     path = postprocess_path(cfg)
     if path.parent.is_dir():

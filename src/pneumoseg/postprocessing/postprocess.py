@@ -99,7 +99,7 @@ INFO_KEYS = (
     "folds",
     "n_images",
     "exp",
-    "source",  # what the tuning was made from (pneumoseg.inference.provenance): checked before use
+    "source",  # what the tuning was made from (pneumoseg.tuning.provenance): checked before use
 )
 _REQUIRED = {
     "threshold": ("threshold",),
