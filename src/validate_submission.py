@@ -43,29 +43,19 @@ def main(argv=None) -> int:
     add_debug(ap)
     args = ap.parse_args(argv)
 
-    from pneumoseg.data.rle import read_rle_csv
-    from pneumoseg.errors import MissingFileError, SubmissionError
-    from pneumoseg.inference.submission import validate_submission
+    from pneumoseg.inference.submission import validate_submission_file
 
-    for what, path in (("submission", args.submission), ("sample submission", args.sample)):
-        if path is not None and path.is_dir():
-            raise SubmissionError(f"{what} {path} is a folder, expected a CSV file")
-        if path is not None and not path.is_file():
-            raise MissingFileError(f"{what} not found: {path}")
-    problems = validate_submission(
+    check = validate_submission_file(
         args.submission, args.sample, args.shape, relative=args.rle == "relative"
     )
-    if problems:
-        print(f"{args.submission}: INVALID, {len(problems)} kind(s) of problem:")
-        for p in problems:
+    if not check.valid:
+        print(f"{args.submission}: INVALID, {len(check.problems)} kind(s) of problem:")
+        for p in check.problems:
             print(f"  - {p}")
         return 1
-    # Read with the csv module (rows of any length: a valid 1024² RLE can pass 131,072 chars).
-    rows = read_rle_csv(args.submission, shape=None, relative=args.rle == "relative")
-    n_pos = sum(1 for rles in rows.values() if rles)
     against = f", matches {args.sample}" if args.sample else ""
     print(
-        f"OK {args.submission}: {len(rows)} rows, {n_pos} positive, "
+        f"OK {args.submission}: {check.rows} rows, {check.positive} positive, "
         f"{args.rle} RLE at {args.shape[0]}x{args.shape[1]}{against}"
     )
     return 0

@@ -7,6 +7,8 @@ RLE is relative (competition form) and column-major, ``-1`` for an image without
 empty ids, duplicate ids, ids missing from / not in the sample submission, RLEs that do not decode
 inside the image, empty ``EncodedPixels`` (must be ``-1``). Each problem kind is reported once with
 its count and the first few ids, so a broken 3,205-row file gives a short, readable list.
+:func:`validate_submission_file` is the whole check before an upload (unreadable files raised,
+rows counted); :func:`score_submission` scores a submission against a truth RLE CSV.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +210,49 @@ def validate_submission(
         for i in extra:
             p.add("ImageId(s) not in the sample submission", i)
     return p.texts()
+
+
+@dataclass
+class SubmissionCheck:
+    """What :func:`validate_submission_file` found: the problems (none: valid) and, for a valid
+    file, its rows and how many of them are positive."""
+
+    path: Path
+    sample: Path | None = None
+    problems: list[str] = field(default_factory=list)
+    rows: int = 0
+    positive: int = 0
+
+    @property
+    def valid(self) -> bool:
+        return not self.problems
+
+
+def validate_submission_file(
+    path: str | Path,
+    sample: str | Path | None = None,
+    shape: Shape = (1024, 1024),
+    relative: bool = True,
+) -> SubmissionCheck:
+    """The check before an upload (``validate_submission.py``): :func:`validate_submission` of
+    the file at ``path`` against the ``sample`` submission CSV, and for a valid file its rows and
+    positive rows. A missing submission or sample, a folder in their place, or a sample that is
+    not CSV text raises a :class:`~pneumoseg.errors.UserError` (a submission that is not UTF-8
+    text is a problem in the list)."""
+    path = Path(path)
+    sample = Path(sample) if sample is not None else None
+    for what, p in (("submission", path), ("sample submission", sample)):
+        if p is not None and p.is_dir():
+            raise SubmissionError(f"{what} {p} is a folder, expected a CSV file")
+        if p is not None and not p.is_file():
+            raise MissingFileError(f"{what} not found: {p}")
+    problems = validate_submission(path, sample, shape, relative)
+    if problems:
+        return SubmissionCheck(path, sample, problems)
+    # Read with the csv module (rows of any length: a valid 1024² RLE can pass 131,072 chars).
+    rows = read_rle_csv(path, shape=None, relative=relative)
+    n_pos = sum(1 for rles in rows.values() if rles)
+    return SubmissionCheck(path, sample, [], len(rows), n_pos)
 
 
 def check_submission(path, sample=None, shape: Shape = (1024, 1024), relative: bool = True):
