@@ -188,18 +188,7 @@ def make_folds(
     itself); the first whose positive-rate deviation is within ``tolerance`` wins, otherwise the
     best-scoring one.
     """
-    for col in ("id", "has_mask"):
-        if col not in manifest.columns:
-            raise FoldsError(f"manifest lacks column '{col}' (has {list(manifest.columns)})")
-    if int(n_folds) != n_folds or n_folds < 2:
-        raise FoldsError(f"n_folds must be an integer >= 2, got {n_folds!r}")
-    n_folds = int(n_folds)
-    if manifest.empty:
-        raise FoldsError("manifest is empty: nothing to split")
-    dup = manifest["id"][manifest["id"].duplicated()]
-    if len(dup):
-        raise FoldsError(f"{len(dup)} duplicate ids in manifest, e.g. {dup.iloc[0]!r}")
-
+    n_folds = _check_manifest(manifest, n_folds)
     m = manifest.sort_values("id", kind="mergesort").reset_index(drop=True)
     has = m["has_mask"].fillna(False).astype(bool).to_numpy()
     area = m["mask_area"] if "mask_area" in m.columns else None
@@ -220,21 +209,7 @@ def make_folds(
     strata = _merge_rare(bins, n_folds)
     groups = pd.factorize(patient, sort=True)[0]
 
-    seeds = [int(seed)]
-    if n_trials > 1:
-        rng = np.random.default_rng(int(seed))
-        seeds += [int(s) for s in rng.integers(0, 2**31 - 1, size=n_trials - 1)]
-    best: tuple[float, np.ndarray, Balance, int] | None = None
-    for i, s in enumerate(seeds):
-        fold = _split(strata, groups, n_folds, s)
-        bal = balance(fold, bins, has, n_folds)
-        if best is None or bal.score < best[0]:
-            best = (bal.score, fold, bal, i)
-        if bal.pos_rate <= tolerance:
-            break
-    if best is None:  # pragma: no cover - n_trials >= 1 guarantees one candidate
-        raise FoldsError("n_trials must be >= 1")
-    _, fold, bal, trial = best
+    fold, bal, trial = _best_split(strata, groups, bins, has, n_folds, seed, n_trials, tolerance)
     log.info(
         "folds: %d images, %d patients, %d positives -> %d folds (trial %d; positive rate "
         "within %.2f points, area-bin shares within %.2f points, sizes within %.1f%%)",
@@ -258,6 +233,53 @@ def make_folds(
             "patient": patient.to_numpy(),
         }
     )
+
+
+def _check_manifest(manifest: pd.DataFrame, n_folds: int) -> int:
+    """Refuse a manifest :func:`make_folds` cannot split; ``n_folds`` as an int."""
+    for col in ("id", "has_mask"):
+        if col not in manifest.columns:
+            raise FoldsError(f"manifest lacks column '{col}' (has {list(manifest.columns)})")
+    if int(n_folds) != n_folds or n_folds < 2:
+        raise FoldsError(f"n_folds must be an integer >= 2, got {n_folds!r}")
+    n_folds = int(n_folds)
+    if manifest.empty:
+        raise FoldsError("manifest is empty: nothing to split")
+    dup = manifest["id"][manifest["id"].duplicated()]
+    if len(dup):
+        raise FoldsError(f"{len(dup)} duplicate ids in manifest, e.g. {dup.iloc[0]!r}")
+    return n_folds
+
+
+def _best_split(
+    strata: np.ndarray,
+    groups: np.ndarray,
+    bins: np.ndarray,
+    has: np.ndarray,
+    n_folds: int,
+    seed: int,
+    n_trials: int,
+    tolerance: float,
+) -> tuple[np.ndarray, Balance, int]:
+    """``(fold, balance, trial)`` of the best of up to ``n_trials`` shuffles: the first with
+    ``seed`` itself, the others with seeds drawn from it (so the result depends on ``seed``
+    only); the first within ``tolerance`` of the overall positive rate stops the search."""
+    seeds = [int(seed)]
+    if n_trials > 1:
+        rng = np.random.default_rng(int(seed))
+        seeds += [int(s) for s in rng.integers(0, 2**31 - 1, size=n_trials - 1)]
+    best: tuple[float, np.ndarray, Balance, int] | None = None
+    for i, s in enumerate(seeds):
+        fold = _split(strata, groups, n_folds, s)
+        bal = balance(fold, bins, has, n_folds)
+        if best is None or bal.score < best[0]:
+            best = (bal.score, fold, bal, i)
+        if bal.pos_rate <= tolerance:
+            break
+    if best is None:  # pragma: no cover - n_trials >= 1 guarantees one candidate
+        raise FoldsError("n_trials must be >= 1")
+    _, fold, bal, trial = best
+    return fold, bal, trial
 
 
 def _merge_rare(bins: np.ndarray, n_folds: int) -> np.ndarray:
@@ -447,6 +469,25 @@ def import_folds(
     carries ``attrs["import"]`` = {"missing": [...], "extra": [...], "label_mismatch": n}.
     """
     path = Path(path)
+    raw, id_col = _read_fold_file(path)
+    df = pd.DataFrame({"id": _strip_suffix(raw[id_col])})
+    df["fold"] = _fold_numbers(raw, path)
+    _check_fold_ids(df, path)
+    file_has = _file_mask_labels(raw)
+    report: dict = {"missing": [], "extra": [], "label_mismatch": 0}
+    if manifest is not None:  # the manifest is the truth for ids, labels, areas and patients
+        df = _labels_from_manifest(df, manifest, file_has, path, area_bins, allow_missing, report)
+    else:
+        df = _labels_from_file(df, raw, file_has, area_bins)
+    if patient_map is not None:
+        df["patient"] = _mapped_patients(df, patient_map)
+    df = df[FOLD_COLUMNS]
+    df.attrs["import"] = report
+    return df
+
+
+def _read_fold_file(path: Path) -> tuple[pd.DataFrame, str]:
+    """The file's cells as strings (column names stripped) and the name of its id column."""
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
@@ -458,7 +499,11 @@ def import_folds(
             f"{path}: need an id column ({', '.join(_ID_COLUMNS)}) and 'fold'; "
             f"got {list(raw.columns)}"
         )
-    df = pd.DataFrame({"id": _strip_suffix(raw[id_col])})
+    return raw, id_col
+
+
+def _fold_numbers(raw: pd.DataFrame, path: Path) -> np.ndarray:
+    """The ``fold`` column as int64; one non-numeric label at most, read as :data:`TRAIN_ONLY`."""
     fold = pd.to_numeric(raw["fold"], errors="coerce")
     bad = fold.notna() & ((fold % 1 != 0) | (fold < TRAIN_ONLY))
     if bad.any():
@@ -480,7 +525,11 @@ def import_folds(
             labels[0],
             TRAIN_ONLY,
         )
-    df["fold"] = fold.fillna(TRAIN_ONLY).astype(np.int64).to_numpy()
+    return fold.fillna(TRAIN_ONLY).astype(np.int64).to_numpy()
+
+
+def _check_fold_ids(df: pd.DataFrame, path: Path) -> None:
+    """Refuse repeated ids; warn about fold numbers that are not ``0..K-1``."""
     dup = df["id"][df["id"].duplicated()]
     if len(dup):
         raise FoldsError(f"{path}: {len(dup)} ids appear more than once, e.g. {dup.iloc[0]!r}")
@@ -488,75 +537,101 @@ def import_folds(
     if present != list(range(len(present))):
         log.warning("%s: fold numbers are %s, not 0..K-1", path, present)
 
+
+def _file_mask_labels(raw: pd.DataFrame) -> np.ndarray | None:
+    """The file's own mask labels (bool per row), None when it has no such column."""
     mask_col = next((c for c in _MASK_COLUMNS if c in raw.columns), None)
-    file_has = (
+    return (
         pd.to_numeric(raw[mask_col], errors="coerce").fillna(0).astype(bool).to_numpy()
         if mask_col
         else None
     )
-    report: dict = {"missing": [], "extra": [], "label_mismatch": 0}
 
-    if manifest is not None:
-        mids = manifest["id"].astype(str)
-        known = df["id"].isin(set(mids))
-        extra = df.loc[~known, "id"].tolist()
-        missing = sorted(set(mids) - set(df["id"]))
-        report["extra"], report["missing"] = extra, missing
-        if extra:
+
+def _labels_from_manifest(
+    df: pd.DataFrame,
+    manifest: pd.DataFrame,
+    file_has: np.ndarray | None,
+    path: Path,
+    area_bins: Sequence[float],
+    allow_missing: bool,
+    report: dict,
+) -> pd.DataFrame:
+    """The file's rows whose ids the manifest knows, with the manifest's ``has_mask``,
+    ``area_bin`` and patients; fills ``report`` (extra and missing ids, label mismatches)."""
+    mids = manifest["id"].astype(str)
+    known = _match_manifest_ids(df, mids, path, allow_missing, report)
+    if file_has is not None:
+        file_has = file_has[known.to_numpy()]
+    df = df[known].reset_index(drop=True)
+    m = manifest.assign(id=mids).set_index("id").loc[df["id"]]
+    has = m["has_mask"].fillna(False).astype(bool).to_numpy()
+    if file_has is not None:
+        report["label_mismatch"] = int((file_has != has).sum())
+        if report["label_mismatch"]:
             log.warning(
-                "%s: %d ids are not in the manifest and are dropped (e.g. %s)",
+                "%s: %d images' mask labels differ from the manifest (manifest wins)",
                 path,
-                len(extra),
-                extra[0],
+                report["label_mismatch"],
             )
-        if missing:
-            msg = f"{path}: {len(missing)} manifest ids are in no fold (e.g. {missing[0]})"
-            if not allow_missing:
-                raise FoldsError(msg)
-            log.warning(msg)
-        if file_has is not None:
-            file_has = file_has[known.to_numpy()]
-        df = df[known].reset_index(drop=True)
-        m = manifest.assign(id=mids).set_index("id").loc[df["id"]]
-        has = m["has_mask"].fillna(False).astype(bool).to_numpy()
-        if file_has is not None:
-            report["label_mismatch"] = int((file_has != has).sum())
-            if report["label_mismatch"]:
-                log.warning(
-                    "%s: %d images' mask labels differ from the manifest (manifest wins)",
-                    path,
-                    report["label_mismatch"],
-                )
-        area = m["mask_area"].to_numpy() if "mask_area" in m.columns else None
-        df["has_mask"] = has.astype(np.int64)
-        df["area_bin"] = area_bin(has, area, area_bins)
-        df["patient"] = _patients(m.reset_index()).to_numpy()
-    else:
-        has = file_has if file_has is not None else np.zeros(len(df), dtype=bool)
-        df["has_mask"] = has.astype(np.int64)
-        if "area_bin" in raw.columns:
-            df["area_bin"] = pd.to_numeric(raw["area_bin"], errors="coerce").fillna(
-                UNKNOWN_AREA_BIN
-            )
-            df["area_bin"] = df["area_bin"].astype(np.int64).to_numpy()
-        else:
-            df["area_bin"] = area_bin(has, None, area_bins)
-        df["patient"] = (
-            raw["patient"].to_numpy() if "patient" in raw.columns else df["id"].to_numpy()
-        )
-    if patient_map is not None:
-        pm = _as_patient_series(patient_map)
-        mapped = df["id"].map(pm)
-        if mapped.isna().any():
-            log.warning(
-                "%d of %d ids are not in the patient map: kept with their own patient",
-                int(mapped.isna().sum()),
-                len(df),
-            )
-        df["patient"] = mapped.fillna(df["patient"]).astype(str)
-    df = df[FOLD_COLUMNS]
-    df.attrs["import"] = report
+    area = m["mask_area"].to_numpy() if "mask_area" in m.columns else None
+    df["has_mask"] = has.astype(np.int64)
+    df["area_bin"] = area_bin(has, area, area_bins)
+    df["patient"] = _patients(m.reset_index()).to_numpy()
     return df
+
+
+def _match_manifest_ids(
+    df: pd.DataFrame, mids: pd.Series, path: Path, allow_missing: bool, report: dict
+) -> pd.Series:
+    """Which of the file's ids the manifest knows. Extra ids are dropped with a warning;
+    manifest ids in no fold are an error unless ``allow_missing``."""
+    known = df["id"].isin(set(mids))
+    extra = df.loc[~known, "id"].tolist()
+    missing = sorted(set(mids) - set(df["id"]))
+    report["extra"], report["missing"] = extra, missing
+    if extra:
+        log.warning(
+            "%s: %d ids are not in the manifest and are dropped (e.g. %s)",
+            path,
+            len(extra),
+            extra[0],
+        )
+    if missing:
+        msg = f"{path}: {len(missing)} manifest ids are in no fold (e.g. {missing[0]})"
+        if not allow_missing:
+            raise FoldsError(msg)
+        log.warning(msg)
+    return known
+
+
+def _labels_from_file(
+    df: pd.DataFrame, raw: pd.DataFrame, file_has: np.ndarray | None, area_bins: Sequence[float]
+) -> pd.DataFrame:
+    """Without a manifest: the file's own labels, area bins and patients (else: no mask, area
+    unknown, each image its own patient)."""
+    has = file_has if file_has is not None else np.zeros(len(df), dtype=bool)
+    df["has_mask"] = has.astype(np.int64)
+    if "area_bin" in raw.columns:
+        df["area_bin"] = pd.to_numeric(raw["area_bin"], errors="coerce").fillna(UNKNOWN_AREA_BIN)
+        df["area_bin"] = df["area_bin"].astype(np.int64).to_numpy()
+    else:
+        df["area_bin"] = area_bin(has, None, area_bins)
+    df["patient"] = raw["patient"].to_numpy() if "patient" in raw.columns else df["id"].to_numpy()
+    return df
+
+
+def _mapped_patients(df: pd.DataFrame, patient_map: Mapping | pd.Series | str | Path) -> pd.Series:
+    """Patients from ``patient_map``; ids it lacks keep the patient they have."""
+    pm = _as_patient_series(patient_map)
+    mapped = df["id"].map(pm)
+    if mapped.isna().any():
+        log.warning(
+            "%d of %d ids are not in the patient map: kept with their own patient",
+            int(mapped.isna().sum()),
+            len(df),
+        )
+    return mapped.fillna(df["patient"]).astype(str)
 
 
 def folds_csv(folds: pd.DataFrame) -> str:
