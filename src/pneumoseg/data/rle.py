@@ -612,34 +612,16 @@ def read_rle_csv(
     where: dict[str, list[int]] = {}
     empty_lines: dict[str, list[int]] = {}
     raise_csv_field_limit()
-    try:
-        fh = path.open(newline="", encoding="utf-8-sig")
-    except (FileNotFoundError, NotADirectoryError):
-        raise MissingFileError(
-            f"RLE CSV not found: {path} (check the path; for a dataset: data.root and "
-            "data.rle_csv / data.test_rle_csv)"
-        ) from None
-    except OSError as e:
-        raise DataError(f"cannot read RLE CSV {path}: {e.strerror or e}") from None
-    with fh:
+    with _open_rle_csv(path) as fh:
         reader = csv.reader(fh)
         lineno = 0
         try:
             for row in reader:
                 lineno = reader.line_num
-                if not row or all(not c.strip() for c in row):
+                cells = _row_cells(row, lineno, path)
+                if cells is None:  # blank line or header
                     continue
-                cells = [c.strip() for c in row]
-                if lineno == 1 and cells[0].lower() in _ID_NAMES:
-                    continue  # header
-                if len(cells) != 2:
-                    raise DataError(
-                        f"{path}:{lineno}: expected 2 columns (ImageId, EncodedPixels), got "
-                        f"{len(cells)}: fix or remove the line"
-                    )
                 image_id, rle = cells
-                if not image_id:
-                    raise DataError(f"{path}:{lineno}: empty ImageId: fix or remove the line")
                 rles = result.setdefault(image_id, [])
                 if is_empty_rle(rle):
                     seen_empty.add(image_id)
@@ -651,15 +633,7 @@ def read_rle_csv(
                     else:
                         check_rle(rle, relative)
                 except RLEError as e:
-                    advice = e.advice
-                    if e.likely:
-                        advice = (
-                            f"; it looks like {e.likely} RLE ({_FORM_TEXT[e.likely]}): "
-                            f"set {format_option}={e.likely}"
-                        )
-                    raise DataError(
-                        f"{path}:{lineno}: ImageId {image_id}: {e.reason}{advice}"
-                    ) from None
+                    raise _row_rle_error(e, path, lineno, image_id, format_option) from None
                 rles.append(rle)
                 where.setdefault(image_id, []).append(lineno)
         except UnicodeDecodeError:
@@ -672,6 +646,61 @@ def read_rle_csv(
                 f"{path}:{reader.line_num or lineno + 1}: not a readable CSV ({e}): is this "
                 "really an RLE CSV (ImageId,EncodedPixels)?"
             ) from None
+    _warn_mixed_rows(path, result, seen_empty)
+    if lines is not None:
+        for image_id in result:
+            lines[image_id] = where.get(image_id) or empty_lines.get(image_id, [])
+    return result
+
+
+def _open_rle_csv(path: Path):
+    """The CSV as text (a BOM dropped, newlines left to :mod:`csv`). A missing file raises
+    :class:`~pneumoseg.errors.MissingFileError`, an unreadable one a
+    :class:`~pneumoseg.errors.DataError`; both say what to check."""
+    try:
+        return path.open(newline="", encoding="utf-8-sig")
+    except (FileNotFoundError, NotADirectoryError):
+        raise MissingFileError(
+            f"RLE CSV not found: {path} (check the path; for a dataset: data.root and "
+            "data.rle_csv / data.test_rle_csv)"
+        ) from None
+    except OSError as e:
+        raise DataError(f"cannot read RLE CSV {path}: {e.strerror or e}") from None
+
+
+def _row_cells(row: list[str], lineno: int, path: Path) -> list[str] | None:
+    """``[ImageId, rle]`` of a CSV row, stripped; None for a blank line or the header."""
+    if not row or all(not c.strip() for c in row):
+        return None
+    cells = [c.strip() for c in row]
+    if lineno == 1 and cells[0].lower() in _ID_NAMES:
+        return None  # header
+    if len(cells) != 2:
+        raise DataError(
+            f"{path}:{lineno}: expected 2 columns (ImageId, EncodedPixels), got "
+            f"{len(cells)}: fix or remove the line"
+        )
+    if not cells[0]:
+        raise DataError(f"{path}:{lineno}: empty ImageId: fix or remove the line")
+    return cells
+
+
+def _row_rle_error(
+    e: RLEError, path: Path, lineno: int, image_id: str, format_option: str
+) -> DataError:
+    """The error for a row whose RLE is malformed: file, line and ImageId, and, when the tokens
+    are valid in the other RLE form, the setting that reads them that way."""
+    advice = e.advice
+    if e.likely:
+        advice = (
+            f"; it looks like {e.likely} RLE ({_FORM_TEXT[e.likely]}): "
+            f"set {format_option}={e.likely}"
+        )
+    return DataError(f"{path}:{lineno}: ImageId {image_id}: {e.reason}{advice}")
+
+
+def _warn_mixed_rows(path: Path, result: dict[str, list[str]], seen_empty: set[str]) -> None:
+    """Log the ids that have both ``-1`` and positive rows (the positive rows were kept)."""
     for image_id in sorted(i for i in seen_empty if result[i]):
         log.warning(
             "%s: ImageId %s has both -1 and positive rows; keeping the %d positive row(s)",
@@ -679,7 +708,3 @@ def read_rle_csv(
             image_id,
             len(result[image_id]),
         )
-    if lines is not None:
-        for image_id in result:
-            lines[image_id] = where.get(image_id) or empty_lines.get(image_id, [])
-    return result
