@@ -277,12 +277,7 @@ def _siim_rows(
     csv_path = _under(root, cfg["rle_csv"] if split == "train" else cfg["test_rle_csv"])
     relative = cfg["rle_format"] == "relative"
 
-    by_id: dict[str, Path] = {}
-    for p in _find_dicoms(img_dir):
-        if p.stem in by_id:
-            problems.add("duplicate", p.name, str(p.parent))
-            continue
-        by_id[p.stem] = p
+    by_id = _dicoms_by_id(img_dir, problems)
     log.info("%s: %d DICOM file(s) under %s", split, len(by_id), img_dir)
 
     truth: dict[str, list[str]] | None = None
@@ -290,62 +285,18 @@ def _siim_rows(
     if csv_path is not None:
         truth = read_rle_csv(csv_path, shape=None, relative=relative, lines=row_lines)
         log.info("%s: %d id(s) in %s", split, len(truth), csv_path)
-        for image_id in truth:
-            if image_id not in by_id:
-                problems.add("missing", f"{image_id}.dcm", f"listed in {csv_path.name}")
-        for image_id, p in by_id.items():
-            if image_id not in truth:
-                kind = "unlisted" if split == "train" else "unlisted_test"
-                problems.add(kind, p.name, f"not in {csv_path.name}")
+        _report_csv_vs_dicoms(truth, by_id, csv_path, split, problems)
         if split == "train":
             by_id = {i: p for i, p in by_id.items() if i in truth}
     elif split == "train":
         raise ConfigError("data.rle_csv is required for the train split of the siim layout")
 
     ids = sorted(by_id)
+    src = _RleSource(csv_path, row_lines, relative, cfg["rle_format"])
 
     def work(image_id: str) -> dict:
-        path = by_id[image_id]
-        tags = pio.check_dicom(path)
-        h, w = tags["Rows"], tags["Columns"]
         rles = truth.get(image_id) if truth is not None else None
-        area = 0
-        if rles:
-            try:
-                area = int(union_mask(rles, (h, w), relative).sum(dtype=np.int64))
-            except ValueError:
-                # Name the row that does not fit this image: "<csv>:<line>: ImageId <id>: why".
-                for k, rle in enumerate(rles):
-                    try:
-                        rle_decode(rle, (h, w), relative)
-                    except ValueError as e:
-                        at = row_lines.get(image_id, [])
-                        where = f"{csv_path}:{at[k]}" if k < len(at) else str(csv_path)
-                        why = str(e)
-                        likely = getattr(e, "likely", None)  # valid in the other RLE form
-                        if likely:
-                            why = f"{e.reason}; it looks like {likely} RLE: "
-                            why += f"set data.rle_format={likely}"
-                        raise _MaskError(f"{where}: ImageId {image_id}: {why}") from None
-                raise
-        return {
-            "id": image_id,
-            "image_path": str(path),
-            "has_mask": area > 0,
-            "mask_area": area,
-            "n_instances": len(rles) if rles else 0,
-            # Stage-2 test DICOMs have an empty PatientID: each image is then its own patient.
-            "patient_id": tags["PatientID"] or image_id,
-            "view": tags["ViewPosition"],
-            "sex": tags["PatientSex"],
-            "age": tags["PatientAge"],
-            "height": h,
-            "width": w,
-            "source": "siim",
-            "mask_path": "",
-            "rle_csv": str(csv_path) if (rles is not None and csv_path is not None) else "",
-            "rle_format": cfg["rle_format"],
-        }
+        return _siim_row(image_id, by_id[image_id], rles, src)
 
     rows = []
     results = _parallel_map(_tagged(work), ids, n_jobs, f"{split} DICOM headers")
@@ -357,6 +308,94 @@ def _siim_rows(
         else:
             problems.add("unreadable", by_id[image_id].name, _short(res, by_id[image_id]))
     return rows
+
+
+def _dicoms_by_id(img_dir: Path, problems: ManifestProblems) -> dict[str, Path]:
+    """``{ImageId (file stem): path}`` of the DICOMs under ``img_dir``; a second file of the
+    same id is reported as a duplicate and left out."""
+    by_id: dict[str, Path] = {}
+    for p in _find_dicoms(img_dir):
+        if p.stem in by_id:
+            problems.add("duplicate", p.name, str(p.parent))
+            continue
+        by_id[p.stem] = p
+    return by_id
+
+
+def _report_csv_vs_dicoms(
+    truth: dict[str, list[str]],
+    by_id: dict[str, Path],
+    csv_path: Path,
+    split: str,
+    problems: ManifestProblems,
+) -> None:
+    """Report ids of the RLE CSV without a DICOM, and DICOMs the CSV does not list."""
+    for image_id in truth:
+        if image_id not in by_id:
+            problems.add("missing", f"{image_id}.dcm", f"listed in {csv_path.name}")
+    for image_id, p in by_id.items():
+        if image_id not in truth:
+            kind = "unlisted" if split == "train" else "unlisted_test"
+            problems.add(kind, p.name, f"not in {csv_path.name}")
+
+
+@dataclass(frozen=True)
+class _RleSource:
+    """Where the images' RLE rows come from: the CSV (None without one), the CSV line of each
+    of an image's rows, and the RLE form."""
+
+    csv_path: Path | None
+    lines: dict[str, list[int]]
+    relative: bool
+    rle_format: str
+
+
+def _siim_row(image_id: str, path: Path, rles: list[str] | None, src: _RleSource) -> dict:
+    """The manifest row of one DICOM (worker: header tags, and the mask area from ``rles``,
+    None when the image is in no CSV)."""
+    tags = pio.check_dicom(path)
+    h, w = tags["Rows"], tags["Columns"]
+    area = _rle_area(image_id, rles, h, w, src) if rles else 0
+    return {
+        "id": image_id,
+        "image_path": str(path),
+        "has_mask": area > 0,
+        "mask_area": area,
+        "n_instances": len(rles) if rles else 0,
+        # Stage-2 test DICOMs have an empty PatientID: each image is then its own patient.
+        "patient_id": tags["PatientID"] or image_id,
+        "view": tags["ViewPosition"],
+        "sex": tags["PatientSex"],
+        "age": tags["PatientAge"],
+        "height": h,
+        "width": w,
+        "source": "siim",
+        "mask_path": "",
+        "rle_csv": str(src.csv_path) if (rles is not None and src.csv_path is not None) else "",
+        "rle_format": src.rle_format,
+    }
+
+
+def _rle_area(image_id: str, rles: list[str], h: int, w: int, src: _RleSource) -> int:
+    """Mask pixels of the union of ``rles`` on an ``h``×``w`` image; an RLE that does not fit
+    is a :class:`_MaskError` naming its CSV line."""
+    try:
+        return int(union_mask(rles, (h, w), src.relative).sum(dtype=np.int64))
+    except ValueError:
+        # Name the row that does not fit this image: "<csv>:<line>: ImageId <id>: why".
+        for k, rle in enumerate(rles):
+            try:
+                rle_decode(rle, (h, w), src.relative)
+            except ValueError as e:
+                at = src.lines.get(image_id, [])
+                where = f"{src.csv_path}:{at[k]}" if k < len(at) else str(src.csv_path)
+                why = str(e)
+                likely = getattr(e, "likely", None)  # valid in the other RLE form
+                if likely:
+                    why = f"{e.reason}; it looks like {likely} RLE: "
+                    why += f"set data.rle_format={likely}"
+                raise _MaskError(f"{where}: ImageId {image_id}: {why}") from None
+        raise
 
 
 class _MaskError(ValueError):
@@ -390,76 +429,13 @@ def _png_rows(
     index_path = _under(root, cfg["train_index"] if split == "train" else cfg["test_index"])
     img_dir = _under(root, cfg["train_images"] if split == "train" else cfg["test_images"])
     mask_dir = _under(root, cfg["train_masks"])
-    if index_path is None or not index_path.is_file():
-        raise MissingFileError(f"png index CSV not found: {index_path} (data.root={root})")
-    if img_dir is None or not img_dir.is_dir():
-        raise MissingFileError(f"png image folder not found: {img_dir} (data.root={root})")
-    index = pio.read_csv(index_path, "png index CSV", dtype=str, keep_default_na=False,
-                         encoding="utf-8-sig")  # fmt: skip
-    index.columns = [c.strip() for c in index.columns]
-    need = {"new_filename", "ImageId"}
-    if not need <= set(index.columns):
-        raise DataError(
-            f"{index_path}: expected columns new_filename,ImageId[,has_pneumo], got {list(index.columns)}"
-        )
+    index = _read_png_index(index_path, img_dir, root)
     log.info("%s: %d row(s) in %s", split, len(index), index_path)
-
-    listed = set(index["new_filename"].str.strip())
-    marker = f"_{split}_"
-    for f in sorted(os.listdir(img_dir)):
-        if marker in f and f.lower().endswith(".png") and f not in listed:
-            problems.add("unlisted", f, f"not in {index_path.name}")
-
-    entries: list[tuple[str, str, str]] = []
-    seen: set[str] = set()
-    for fname, image_id, label in zip(
-        index["new_filename"].str.strip(),
-        index["ImageId"].str.strip(),
-        index.get("has_pneumo", pd.Series([""] * len(index))),
-        strict=True,
-    ):
-        if image_id in seen:
-            problems.add("duplicate", fname, f"ImageId {image_id} listed twice")
-            continue
-        seen.add(image_id)
-        if not (img_dir / fname).is_file():
-            problems.add("missing", fname, f"listed in {index_path.name}")
-            continue
-        entries.append((fname, image_id, str(label).strip()))
+    _report_unlisted_pngs(index, img_dir, index_path, split, problems)
+    entries = _png_entries(index, img_dir, index_path, problems)
 
     def work(entry: tuple[str, str, str]) -> dict:
-        fname, image_id, _label = entry
-        path = img_dir / fname
-        h, w = pio.png_size(path)
-        mpath = mask_dir / fname if mask_dir is not None else None
-        area = n_inst = 0
-        has_truth = mpath is not None and mpath.is_file()
-        if not has_truth and split == "train":
-            raise _MaskError(f"mask file not found: {mpath}")
-        if has_truth:
-            mask = pio.read_png(mpath) > 0
-            if mask.shape != (h, w):
-                raise _MaskError(f"mask {mask.shape[0]}x{mask.shape[1]} != image {h}x{w}")
-            area = int(mask.sum(dtype=np.int64))
-            if area:
-                n_inst = cv2.connectedComponents(mask.view(np.uint8), connectivity=8)[0] - 1
-        return {
-            "id": image_id,
-            "image_path": str(path),
-            "has_mask": area > 0,
-            "mask_area": area,
-            "n_instances": int(n_inst),
-            "patient_id": image_id,
-            "view": "",
-            "sex": "",
-            "age": math.nan,
-            "height": h,
-            "width": w,
-            "source": "png",
-            "mask_path": str(mpath) if has_truth else "",
-            "rle_csv": "",
-            "rle_format": cfg["rle_format"],
-        }
+        return _png_row(entry[0], entry[1], img_dir, mask_dir, split, cfg["rle_format"])
 
     rows = []
     results = _parallel_map(_tagged(work), entries, n_jobs, f"{split} PNG masks")
@@ -476,6 +452,97 @@ def _png_rows(
             )
         rows.append(res)
     return rows
+
+
+def _read_png_index(index_path: Path | None, img_dir: Path | None, root: Path) -> pd.DataFrame:
+    """The ``new_filename,ImageId[,has_pneumo]`` index CSV (cells as strings, names stripped),
+    once the index and the image folder are known to exist."""
+    if index_path is None or not index_path.is_file():
+        raise MissingFileError(f"png index CSV not found: {index_path} (data.root={root})")
+    if img_dir is None or not img_dir.is_dir():
+        raise MissingFileError(f"png image folder not found: {img_dir} (data.root={root})")
+    index = pio.read_csv(index_path, "png index CSV", dtype=str, keep_default_na=False,
+                         encoding="utf-8-sig")  # fmt: skip
+    index.columns = [c.strip() for c in index.columns]
+    need = {"new_filename", "ImageId"}
+    if not need <= set(index.columns):
+        raise DataError(
+            f"{index_path}: expected columns new_filename,ImageId[,has_pneumo], got {list(index.columns)}"
+        )
+    return index
+
+
+def _report_unlisted_pngs(
+    index: pd.DataFrame, img_dir: Path, index_path: Path, split: str, problems: ManifestProblems
+) -> None:
+    """Report the split's PNGs in ``img_dir`` (``_<split>_`` in the name) that the index lacks."""
+    listed = set(index["new_filename"].str.strip())
+    marker = f"_{split}_"
+    for f in sorted(os.listdir(img_dir)):
+        if marker in f and f.lower().endswith(".png") and f not in listed:
+            problems.add("unlisted", f, f"not in {index_path.name}")
+
+
+def _png_entries(
+    index: pd.DataFrame, img_dir: Path, index_path: Path, problems: ManifestProblems
+) -> list[tuple[str, str, str]]:
+    """``(file name, ImageId, has_pneumo label)`` per index row whose image exists; a repeated
+    ImageId or a missing file is reported and left out."""
+    entries: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for fname, image_id, label in zip(
+        index["new_filename"].str.strip(),
+        index["ImageId"].str.strip(),
+        index.get("has_pneumo", pd.Series([""] * len(index))),
+        strict=True,
+    ):
+        if image_id in seen:
+            problems.add("duplicate", fname, f"ImageId {image_id} listed twice")
+            continue
+        seen.add(image_id)
+        if not (img_dir / fname).is_file():
+            problems.add("missing", fname, f"listed in {index_path.name}")
+            continue
+        entries.append((fname, image_id, str(label).strip()))
+    return entries
+
+
+def _png_row(
+    fname: str, image_id: str, img_dir: Path, mask_dir: Path | None, split: str, rle_format: str
+) -> dict:
+    """The manifest row of one PNG (worker: image size, and the mask's area and connected
+    components; a train image needs its mask)."""
+    path = img_dir / fname
+    h, w = pio.png_size(path)
+    mpath = mask_dir / fname if mask_dir is not None else None
+    area = n_inst = 0
+    has_truth = mpath is not None and mpath.is_file()
+    if not has_truth and split == "train":
+        raise _MaskError(f"mask file not found: {mpath}")
+    if has_truth:
+        mask = pio.read_png(mpath) > 0
+        if mask.shape != (h, w):
+            raise _MaskError(f"mask {mask.shape[0]}x{mask.shape[1]} != image {h}x{w}")
+        area = int(mask.sum(dtype=np.int64))
+        if area:
+            n_inst = cv2.connectedComponents(mask.view(np.uint8), connectivity=8)[0] - 1
+    return {
+        "id": image_id,
+        "image_path": str(path),
+        "has_mask": area > 0,
+        "mask_area": area,
+        "n_instances": int(n_inst),
+        "patient_id": image_id,
+        "view": "",
+        "sex": "",
+        "age": math.nan,
+        "height": h,
+        "width": w,
+        "source": "png",
+        "mask_path": str(mpath) if has_truth else "",
+        "rle_csv": "",
+        "rle_format": rle_format,
+    }
 
 
 # ==================================================================================================
