@@ -1030,24 +1030,13 @@ def write_dataset(
     written atomically; ``synthetic_info.json`` is written last. The files depend only on the
     arguments (not on ``workers``).
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     if size < 32:
         raise ConfigError(f"size must be at least 32, got {size}")
     records = plan_dataset(n_train, n_test, seed, positive_rate)  # checks them before any write
     params = {"n_train": n_train, "n_test": n_test, "seed": seed}
     _prepare_out(out, force, {**params, "positive_rate": positive_rate, "png": png})
-    args = (out, size, seed, jpeg, png)
-    bar = dict(total=len(records), desc="synthetic", unit="img", disable=None)
-    if workers > 1 and len(records) > 1:
-        from joblib import Parallel, delayed
-
-        par = Parallel(n_jobs=workers, return_as="generator")
-        jobs = par(delayed(_write_case)(r, *args) for r in records)
-        results = list(tqdm(jobs, **bar))
-    else:
-        results = [_write_case(r, *args) for r in tqdm(records, **bar)]
+    results = _write_cases(records, (out, size, seed, jpeg, png), workers)
 
     summary: dict[str, Any] = {
         "generator": GENERATOR,
@@ -1067,25 +1056,58 @@ def write_dataset(
             for rec, (_, rles) in zip(records, results, strict=True)
             if rec["split"] == split
         ]
-        lines = []
-        for rec, rles in pairs:
-            lines.extend(f"{rec['image_id']}, {r}" for r in rles or ["-1"])
-        _write_csv(out / rle_name, "ImageId, EncodedPixels", lines)
-        if png:
-            _write_csv(
-                out / png_csv,
-                "new_filename,ImageId,has_pneumo",
-                [
-                    f"{png_name(rec, int(bool(rles)))},{rec['image_id']},{int(bool(rles))}"
-                    for rec, rles in pairs
-                ],
-            )
-        summary[split] = {
-            "images": len(pairs),
-            "positive": sum(bool(r) for _, r in pairs),
-            "instances": sum(len(r) for _, r in pairs),
-            "patients": len({rec["patient"] for rec, _ in pairs}),
-        }
+        summary[split] = _write_split_csvs(out, pairs, rle_name, png_csv if png else None)
+    _write_id_lists(out, records)
+    # last: its presence means the data set is complete
+    with atomic_write(out / INFO, "w") as fh:
+        json.dump(summary, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    return {"out": str(out), **summary}
+
+
+def _write_cases(records: list[dict[str, Any]], args: tuple, workers: int) -> list:
+    """``_write_case(record, *args)`` for every record, in order: in ``workers`` processes when
+    there are several (the files do not depend on it), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    bar = dict(total=len(records), desc="synthetic", unit="img", disable=None)
+    if workers > 1 and len(records) > 1:
+        from joblib import Parallel, delayed
+
+        par = Parallel(n_jobs=workers, return_as="generator")
+        jobs = par(delayed(_write_case)(r, *args) for r in records)
+        return list(tqdm(jobs, **bar))
+    return [_write_case(r, *args) for r in tqdm(records, **bar)]
+
+
+def _write_split_csvs(
+    out: Path, pairs: list[tuple[dict[str, Any], list[str]]], rle_name: str, png_csv: str | None
+) -> dict[str, int]:
+    """One split's RLE CSV (a ``-1`` row for an image without a mask) and, unless ``png_csv``
+    is None, its PNG index; returns the split's counts for the summary."""
+    lines = []
+    for rec, rles in pairs:
+        lines.extend(f"{rec['image_id']}, {r}" for r in rles or ["-1"])
+    _write_csv(out / rle_name, "ImageId, EncodedPixels", lines)
+    if png_csv is not None:
+        _write_csv(
+            out / png_csv,
+            "new_filename,ImageId,has_pneumo",
+            [
+                f"{png_name(rec, int(bool(rles)))},{rec['image_id']},{int(bool(rles))}"
+                for rec, rles in pairs
+            ],
+        )
+    return {
+        "images": len(pairs),
+        "positive": sum(bool(r) for _, r in pairs),
+        "instances": sum(len(r) for _, r in pairs),
+        "patients": len({rec["patient"] for rec, _ in pairs}),
+    }
+
+
+def _write_id_lists(out: Path, records: list[dict[str, Any]]) -> None:
+    """The sample submission (every test image ``-1``) and the Kaggle -> NIH id map (train)."""
     test_recs = [r for r in records if r["split"] == "test"]
     _write_csv(
         out / SAMPLE_SUB, "ImageId,EncodedPixels", [f"{r['image_id']},-1" for r in test_recs]
@@ -1095,7 +1117,3 @@ def write_dataset(
         "Kaggle_ID,NIH_ID",
         [f"{r['image_id']},{r['nih_id']}" for r in records if r["split"] == "train"],
     )
-    with atomic_write(out / INFO, "w") as fh:
-        json.dump(summary, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    return {"out": str(out), **summary}
