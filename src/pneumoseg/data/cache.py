@@ -66,7 +66,13 @@ import numpy as np
 import pandas as pd
 
 from pneumoseg.data.resize import IMAGE_INTERP, MASK_INTERP, resize_image, resize_mask
-from pneumoseg.data.dataset import build_manifest, dataset_name, load_manifest, read_image, read_mask
+from pneumoseg.data.dataset import (
+    build_manifest,
+    dataset_name,
+    load_manifest,
+    read_image,
+    read_mask,
+)
 from pneumoseg.data.dataset import save_manifest as _save_manifest
 from pneumoseg.errors import CacheError, DiskSpaceError
 from pneumoseg.io import atomic_save, atomic_write
@@ -586,6 +592,23 @@ def open_cache(
     :meth:`Cache.usable`). Entries not built yet always do.
     """
     path = Path(path)
+    meta = _opened_meta(path)
+    n = meta["n"]
+    stored = _opened_contents(path, meta)
+    _check_expected(path, meta, size, fingerprint_, manifest)
+    done, why = _load_flags(path, n)
+    if done is None:
+        raise CacheError(
+            f"{path / 'done.npy'}: {why} (cache damaged): run src/preprocess.py again (it "
+            "redoes the entries; add --force if that does not fix it)"
+        )
+    cache = Cache(path=path, manifest=stored, meta=meta, done=done)
+    _check_built(cache, n, require_complete, allow_failed)
+    return cache
+
+
+def _opened_meta(path: Path) -> dict:
+    """The cache's ``meta.json``; a missing, damaged or older-format one is a CacheError."""
     meta, why = _read_meta(path)
     if meta is None:
         if why == "missing":
@@ -596,6 +619,11 @@ def open_cache(
             f"{path}: cache format v{meta.get('version')}, expected v{CACHE_VERSION}: rebuild it "
             "with src/preprocess.py --force"
         )
+    return meta
+
+
+def _opened_contents(path: Path, meta: dict) -> pd.DataFrame:
+    """The stored manifest, once it and both arrays are known to match ``meta``."""
     n, s = meta["n"], meta["size"]
     stored, why = _read_stored_manifest(path / "manifest.csv")
     if stored is None:
@@ -608,6 +636,18 @@ def open_cache(
         offset, why = _npy_layout(path / name, (n, s, s))
         if offset < 0:
             raise CacheError(f"{path / name}: {why} (cache damaged): {_RERUN}")
+    return stored
+
+
+def _check_expected(
+    path: Path,
+    meta: dict,
+    size: int | None,
+    fingerprint_: str | None,
+    manifest: pd.DataFrame | None,
+) -> None:
+    """Refuse a cache of another size, or built from another manifest than the caller's."""
+    s = meta["size"]
     if size is not None and int(size) != s:
         raise CacheError(
             f"{path}: cache size is {s}, expected {size}: build it with src/preprocess.py "
@@ -620,13 +660,12 @@ def open_cache(
             f"{path}: built from a different manifest than the current data; rebuild it with "
             "src/preprocess.py"
         )
-    done, why = _load_flags(path, n)
-    if done is None:
-        raise CacheError(
-            f"{path / 'done.npy'}: {why} (cache damaged): run src/preprocess.py again (it "
-            "redoes the entries; add --force if that does not fix it)"
-        )
-    cache = Cache(path=path, manifest=stored, meta=meta, done=done)
+
+
+def _check_built(cache: Cache, n: int, require_complete: bool, allow_failed: bool) -> None:
+    """With ``require_complete``: refuse entries not built yet, and failed ones unless
+    ``allow_failed`` (then they are logged)."""
+    path, done = cache.path, cache.done
     failed = cache.failed_ids
     todo = int((done == TODO).sum())
     if require_complete and todo:
@@ -650,7 +689,6 @@ def open_cache(
             n,
             listed,
         )
-    return cache
 
 
 def open_cache_for(cfg: Mapping[str, Any], split: str = "train", **kwargs) -> Cache:
@@ -713,35 +751,18 @@ def _build_locked(cfg, split, path, manifest, force, n_jobs, chunk_size, on_writ
     plan: _SpacePlan | None = None  # set before anything is written
     try:
         if fresh:
-            exists = any((path / name).exists() for name in _FILES)
-            if exists and not force:
-                if not ccfg.get("rebuild_on_change", True):
-                    raise CacheError(
-                        f"{path}: existing cache cannot be reused: {reason}. Rebuild with --force "
-                        "(or set cache.rebuild_on_change=true)"
-                    )
-                log.warning("%s: existing cache cannot be reused (%s): rebuilding", path, reason)
-            elif exists:
-                log.info("%s: --force: rebuilding", path)
+            _announce_rebuild(path, reason, force, ccfg)
             plan = _plan_space(path, manifest, np.arange(n), size, fresh=True)
-            old = sum(_allocated(path / name) for name in _FILES)
-            old += sum(_allocated(path / f".{name}.tmp") for name in ("images.npy", "masks.npy"))
+            old = _old_cache_bytes(path)
             _check_space(path, plan, size, n, credit=old)  # before the old cache is deleted
             _init(path, manifest, meta)
             done = np.zeros(n, dtype=np.uint8)
         else:
-            done, why = _load_flags(path, n)
-            if done is None:
-                log.warning("%s: %s: every entry is redone", path / "done.npy", why)
-                done = np.zeros(n, dtype=np.uint8)
+            done = _resumed_flags(path, n)
             plan = _plan_space(path, manifest, np.flatnonzero(done != DONE), size, fresh=False)
             if (done != DONE).any():
                 _check_space(path, plan, size, n)  # before anything is written
-            stored, why = _read_stored_manifest(path / "manifest.csv")
-            if stored is None:  # meta.json's fingerprint matches: the arrays are this manifest's
-                log.warning("%s: %s: rewritten from the current data", path / "manifest.csv", why)
-            if stored is None or not stored.equals(manifest):  # also: same content, moved data
-                _save_manifest(manifest, path / "manifest.csv")
+            _refresh_stored_manifest(path, manifest)
 
         todo = np.flatnonzero(done != DONE)
         stats = {"n": n, "processed": 0, "skipped": n - len(todo), "failed": 0}
@@ -773,15 +794,62 @@ def _build_locked(cfg, split, path, manifest, force, n_jobs, chunk_size, on_writ
     cache = open_cache(path, require_complete=False)
     cache.last_build = stats
     if failures:
-        shown = "; ".join(f"{i}: {e[:120]}" for i, e in failures[:_SHOW])
-        text = f"{path}: {len(failures)} image(s) could not be cached: {shown}"
-        if bool(dcfg.get("strict", False)):
-            raise CacheError(
-                f"{text}. Fix or remove those files and run src/preprocess.py again (it retries "
-                "them), or set data.strict=false to go on without them"
-            )
-        log.warning("%s (flagged as failed; excluded by readers)", text)
+        _report_failures(path, failures, bool(dcfg.get("strict", False)))
     return cache
+
+
+def _announce_rebuild(path: Path, reason: str | None, force: bool, ccfg: Mapping[str, Any]) -> None:
+    """Before a cache in ``path`` is rebuilt: say why, or refuse when ``reason`` (why it cannot
+    be reused) is not ``force`` and ``cache.rebuild_on_change`` is off."""
+    exists = any((path / name).exists() for name in _FILES)
+    if exists and not force:
+        if not ccfg.get("rebuild_on_change", True):
+            raise CacheError(
+                f"{path}: existing cache cannot be reused: {reason}. Rebuild with --force "
+                "(or set cache.rebuild_on_change=true)"
+            )
+        log.warning("%s: existing cache cannot be reused (%s): rebuilding", path, reason)
+    elif exists:
+        log.info("%s: --force: rebuilding", path)
+
+
+def _old_cache_bytes(path: Path) -> int:
+    """Disk the cache in ``path`` occupies now (its files and array temp files): freed by the
+    rebuild, so credited in its space check."""
+    old = sum(_allocated(path / name) for name in _FILES)
+    old += sum(_allocated(path / f".{name}.tmp") for name in ("images.npy", "masks.npy"))
+    return old
+
+
+def _resumed_flags(path: Path, n: int) -> np.ndarray:
+    """The done flags of a cache being resumed; unusable ones mean every entry is redone."""
+    done, why = _load_flags(path, n)
+    if done is None:
+        log.warning("%s: %s: every entry is redone", path / "done.npy", why)
+        done = np.zeros(n, dtype=np.uint8)
+    return done
+
+
+def _refresh_stored_manifest(path: Path, manifest: pd.DataFrame) -> None:
+    """Rewrite a resumed cache's ``manifest.csv`` when it is unreadable or differs."""
+    stored, why = _read_stored_manifest(path / "manifest.csv")
+    if stored is None:  # meta.json's fingerprint matches: the arrays are this manifest's
+        log.warning("%s: %s: rewritten from the current data", path / "manifest.csv", why)
+    if stored is None or not stored.equals(manifest):  # also: same content, moved data
+        _save_manifest(manifest, path / "manifest.csv")
+
+
+def _report_failures(path: Path, failures: list[tuple[str, str]], strict: bool) -> None:
+    """Images that could not be cached: an error when ``strict`` (``data.strict``), else a
+    warning (they are flagged FAILED and readers leave them out)."""
+    shown = "; ".join(f"{i}: {e[:120]}" for i, e in failures[:_SHOW])
+    text = f"{path}: {len(failures)} image(s) could not be cached: {shown}"
+    if strict:
+        raise CacheError(
+            f"{text}. Fix or remove those files and run src/preprocess.py again (it retries "
+            "them), or set data.strict=false to go on without them"
+        )
+    log.warning("%s (flagged as failed; excluded by readers)", text)
 
 
 def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
