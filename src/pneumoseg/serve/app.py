@@ -472,15 +472,30 @@ def create_app(cfg: Mapping[str, Any], predictor=None):
     app.state.service = service
     max_files = int(sc["max_files"])
     limit, timeout_s = int(float(sc["max_body_mb"]) * 1024 * 1024), float(sc["body_timeout_s"])
+    _add_middleware(app, sc, service, limit, timeout_s)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _add_page_and_health(app, service)
+    _add_predict(app, service, max_files, _error_examples(service, max_files, limit, timeout_s))
+    keep_nulls_in_examples(app)
+    return app
+
+
+def _error(status: int, detail: str, **extra) -> JSONResponse:
+    """An error answer: its fixed ``detail`` text (and ``extra`` fields); ``Retry-After`` on
+    429 and 503."""
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
+
+
+def _add_middleware(
+    app: FastAPI, sc: Mapping[str, Any], service: Service, limit: int, timeout_s: float
+) -> None:
+    """CORS (when ``serve.cors_origins``), the security headers, then the request guard."""
     if sc["cors_origins"]:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(sc["cors_origins"]),
                            allow_methods=["GET", "POST"], allow_headers=["*"])  # fmt: skip
-
-    def error(status: int, detail: str, **extra) -> JSONResponse:
-        headers = {"Retry-After": "1"} if status in (429, 503) else None
-        return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -491,7 +506,10 @@ def create_app(cfg: Mapping[str, Any], predictor=None):
 
     # added last: the outermost layer, so that capacity is decided before anything else runs
     app.add_middleware(RequestGuard, limit=limit, timeout_s=timeout_s, gate=service.gate)
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+def _add_page_and_health(app: FastAPI, service: Service) -> None:
+    """``GET /`` (the page, not in the schema) and ``GET /health``."""
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -504,7 +522,9 @@ def create_app(cfg: Mapping[str, Any], predictor=None):
         """The loaded experiment (or what to run without one) and the server's limits."""
         return service.health()
 
-    examples = _error_examples(service, max_files, limit, timeout_s)
+
+def _add_predict(app: FastAPI, service: Service, max_files: int, examples: dict) -> None:
+    """``POST /api/predict``, documented with ``examples`` of its error answers."""
 
     @app.post(PREDICT_PATH, response_model=PredictAnswer, response_model_exclude_unset=True,
               response_class=JSONResponse, responses={200: {"content": {"application/json": {
@@ -522,29 +542,26 @@ def create_app(cfg: Mapping[str, Any], predictor=None):
         t0 = time.perf_counter()
         want = {o for o in outputs.split(",") if o}
         if want - set(OUTPUTS):
-            return error(422, UNKNOWN_OUTPUTS)
+            return _error(422, UNKNOWN_OUTPUTS)
         if service.predictor is None:
-            return error(503, NO_MODEL)
+            return _error(503, NO_MODEL)
         try:
             form = await request.form(max_files=max_files, max_fields=max_files + 8)
         except BodyRefused:
             raise  # RequestGuard answers 413 / 408
         except Exception:  # malformed multipart, too many parts: nothing of it is echoed
-            return error(400, not_multipart_text(max_files))
+            return _error(400, not_multipart_text(max_files))
         try:
             uploads = [(f.filename, f.file) for f in form.getlist("files") if hasattr(f, "read")]
             if not uploads:
-                return error(422, NO_FILE)
+                return _error(422, NO_FILE)
             items = await run_in_threadpool(service.run_request, uploads, want)
         except RequestTooLarge as e:
             log.warning("request over the pixel cap: 413 (%d files)", len(uploads))
-            return error(413, too_many_pixels_text(e.args[0], service.max_request_pixels))
+            return _error(413, too_many_pixels_text(e.args[0], service.max_request_pixels))
         finally:
             await form.close()
-        return _answer_items(items, t0, error)
-
-    keep_nulls_in_examples(app)
-    return app
+        return _answer_items(items, t0, _error)
 
 
 def _fastapi(**kwargs) -> FastAPI:
