@@ -171,11 +171,12 @@ def stop_serve(proc) -> str:
     return proc.communicate(timeout=60)[0]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _no_serve_redaction_leaks():
     """The web app redacts foreign loggers at every handler of its process (serve.app
-    ``redact_foreign_logs``); in one test process that would withhold later tests' script logs:
-    take its filters off again after each test."""
+    ``redact_foreign_logs``); in one test process that would withhold later modules' script
+    logs: take its filters off again after each test module (not after each test: a module's
+    app, built once, keeps redacting for all of that module's tests)."""
     yield
     import logging
     import sys
