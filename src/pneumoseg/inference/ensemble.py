@@ -273,12 +273,7 @@ def predict_probs(
     if device is None:
         device = next(members[0][0].parameters()).device
     device = torch.device(device)
-    x8 = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
-    if x8.ndim == 2:
-        x8 = x8[None]
-    if x8.ndim != 3:
-        raise ValueError(f"images must be (N, H, W) uint8, got shape {tuple(x8.shape)}")
-    x8 = x8.to(device, non_blocking=True)
+    x8 = _image_batch(images, device)
     n, h, w = x8.shape
     hflip, vflip, scales = parse_tta(tta)
     flips = _flips(hflip, vflip)
@@ -300,25 +295,10 @@ def predict_probs(
         x = normalized[in_ch]
         acc = torch.zeros_like(total)
         cls_acc = None
-        for canvas, views in plan.items():
-            batch = []
-            for _scale, sz in views:
-                xs = _resize(x, sz)
-                pad = (0, canvas[1] - sz[1], 0, canvas[0] - sz[0])
-                if any(pad):
-                    xs = F.pad(xs, pad, mode="replicate")
-                batch.extend(xs.flip(d) if d else xs for d in flips)
-            inp = torch.cat(batch)
-            if channels_last:
-                inp = inp.contiguous(memory_format=torch.channels_last)
+        for canvas, views in plan.items():  # the views of one padded size: one batch
+            inp = _canvas_batch(x, canvas, views, flips, channels_last)
             probs, cls = _forward(member, inp, chunk, device, dtype)
-            k = 0
-            for _scale, sz in views:
-                for d in flips:
-                    p = probs[k * n : (k + 1) * n]
-                    p = p.flip(d) if d else p
-                    acc += _resize(p[..., : sz[0], : sz[1]], (h, w))
-                    k += 1
+            _add_unviewed(acc, probs, views, flips, n, (h, w))
             if cls is not None:
                 c = cls.float().view(-1, n, 1).sum(0)
                 cls_acc = c if cls_acc is None else cls_acc + c
@@ -330,6 +310,58 @@ def predict_probs(
     probs = (total / weight_sum).squeeze(1).clamp_(0, 1)
     cls_p = (cls_total / cls_weight).squeeze(1) if cls_weight > 0 else None
     return probs, cls_p
+
+
+def _image_batch(images, device: torch.device) -> torch.Tensor:
+    """``images`` (uint8 (N, H, W) or one (H, W), numpy or tensor) as an (N, H, W) tensor on
+    ``device``."""
+    x8 = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    if x8.ndim == 2:
+        x8 = x8[None]
+    if x8.ndim != 3:
+        raise ValueError(f"images must be (N, H, W) uint8, got shape {tuple(x8.shape)}")
+    return x8.to(device, non_blocking=True)
+
+
+def _canvas_batch(
+    x: torch.Tensor,
+    canvas: tuple[int, int],
+    views: list,
+    flips: list[tuple[int, ...]],
+    channels_last: bool,
+) -> torch.Tensor:
+    """The views that share ``canvas`` as one batch: per scale, the scaled images padded
+    (edge-replicated) to the canvas, then each flip of them; N images per view, views in order."""
+    batch = []
+    for _scale, sz in views:
+        xs = _resize(x, sz)
+        pad = (0, canvas[1] - sz[1], 0, canvas[0] - sz[0])
+        if any(pad):
+            xs = F.pad(xs, pad, mode="replicate")
+        batch.extend(xs.flip(d) if d else xs for d in flips)
+    inp = torch.cat(batch)
+    if channels_last:
+        inp = inp.contiguous(memory_format=torch.channels_last)
+    return inp
+
+
+def _add_unviewed(
+    acc: torch.Tensor,
+    probs: torch.Tensor,
+    views: list,
+    flips: list[tuple[int, ...]],
+    n: int,
+    size: tuple[int, int],
+) -> None:
+    """Add to ``acc`` (in place) each view's probabilities of a :func:`_canvas_batch` batch,
+    flipped back, cropped to its scaled size and resized to ``size``."""
+    k = 0
+    for _scale, sz in views:
+        for d in flips:
+            p = probs[k * n : (k + 1) * n]
+            p = p.flip(d) if d else p
+            acc += _resize(p[..., : sz[0], : sz[1]], size)
+            k += 1
 
 
 def _forward(member, inp: torch.Tensor, chunk: int, device, dtype):
