@@ -61,11 +61,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 
-from pneumoseg.data.resize import IMAGE_INTERP, MASK_INTERP, resize_image, resize_mask
 from pneumoseg.data.dataset import (
     build_manifest,
     dataset_name,
@@ -74,6 +72,7 @@ from pneumoseg.data.dataset import (
     read_mask,
 )
 from pneumoseg.data.dataset import save_manifest as _save_manifest
+from pneumoseg.data.resize import IMAGE_INTERP, MASK_INTERP, resize_image, resize_mask
 from pneumoseg.errors import CacheError, DiskSpaceError
 from pneumoseg.io import atomic_save, atomic_write
 from pneumoseg.locks import exclusive, lock_file_for

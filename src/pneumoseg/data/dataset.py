@@ -43,8 +43,8 @@ import numpy as np
 import pandas as pd
 
 from pneumoseg import io as pio
-from pneumoseg.errors import ConfigError, DataError, MissingFileError
 from pneumoseg.data.rle import read_rle_csv, rle_decode, union_mask
+from pneumoseg.errors import ConfigError, DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 

@@ -25,4 +25,3 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
         return np.zeros((size, size), dtype=np.uint8)
     cover = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
     return (cover >= 0.5 - 1e-6).astype(np.uint8)
-
