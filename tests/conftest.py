@@ -17,6 +17,19 @@ def real_dir() -> Path:
     return REAL
 
 
+# configs/demo.yaml made tiny (64 px, 2 folds of one step): the demo's logic, not its numbers.
+# Merged section by section over the demo config (tests/test_no_data_loss.py, test_python_api.py).
+TINY_DEMO = {
+    "data": {"original_size": 64},
+    "cache": {"size": 64, "n_jobs": 1},
+    "folds": {"n_folds": 2},
+    "model": {"decoder_channels": [32, 16, 16, 8, 8]},
+    "train": {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 4, "val_batch_size": 8,
+              "top_k": 1},
+    "oof": {"size": 32},
+}  # fmt: skip
+
+
 def run_script(script: str, *args: str, cwd: Path = REPO, timeout: int = 600, module=False):
     """Run ``python src/<script>.py args`` like a user does; fail with its output on error."""
     import subprocess

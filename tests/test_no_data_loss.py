@@ -22,17 +22,9 @@ from pneumoseg.data.cache import CACHE_MARKER, build_cache, cache_dir, remove_ca
 from pneumoseg.data.synthetic import INFO, MARKER, read_marker, synthetic_ids, write_dataset
 from pneumoseg.errors import CacheError, UserError
 
-from conftest import REPO, run_cli
+from conftest import REPO, TINY_DEMO, run_cli
 
-TINY = {  # configs/demo.yaml at 64 px, 2 folds of one step: the demo's logic, not its numbers
-    "data": {"original_size": 64},
-    "cache": {"size": 64, "n_jobs": 1},
-    "folds": {"n_folds": 2},
-    "model": {"decoder_channels": [32, 16, 16, 8, 8]},
-    "train": {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 4, "val_batch_size": 8,
-              "top_k": 1},
-    "oof": {"size": 32},
-}  # fmt: skip
+TINY = TINY_DEMO  # (conftest)
 N_TRAIN, N_TEST = 12, 3
 
 

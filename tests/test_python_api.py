@@ -10,17 +10,9 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, TINY_DEMO
 
-TINY = {  # configs/demo.yaml made tiny; its relative paths stay relative (to the test's folder)
-    "data": {"original_size": 64},
-    "cache": {"size": 64, "n_jobs": 1},
-    "folds": {"n_folds": 2},
-    "model": {"decoder_channels": [32, 16, 16, 8, 8]},
-    "train": {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 4, "val_batch_size": 16,
-              "top_k": 1},
-    "oof": {"size": 32},
-}  # fmt: skip
+TINY = TINY_DEMO  # (conftest)
 
 
 def readme_block() -> str:
