@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine import _Pixel  # the 1x1-conv model of the engine tests
 from torch import nn
 
 from pneumoseg.errors import ModelFileError, StaleTuningError, TrainingDivergedError
@@ -73,15 +74,6 @@ def test_nan_run_stops_with_a_message_and_publishes_nothing(tiny_data, tmp_path)
     assert not (fold / "model.pt").exists()
     assert not list(fold.glob("checkpoints/*.pt")) and not (fold / "last.pt").exists()
     assert not (fold / "oof_ids.csv").exists()
-
-
-class _Pixel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 1, 1)
-
-    def forward(self, x):
-        return self.conv(x)
 
 
 def _batches(n: int):
