@@ -40,9 +40,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from pneumoseg.data.intake import read_dicom
 from pneumoseg.data.resize import resize_image, resize_mask
 from pneumoseg.data.rle import read_rle_csv, union_mask
-from pneumoseg.io import read_dicom
 
 REAL = Path(
     os.environ.get(

@@ -81,6 +81,16 @@ def test_upload_a_real_dicom_and_move_the_threshold(server, browser, real_dir, t
     columns = int(pydicom.dcmread(dicom, stop_before_pixels=True).Columns)
     assert browser.execute_script("return arguments[0].width", canvas) == columns  # full size
     assert card.find_element(By.CSS_SELECTOR, ".dl-row").get_attribute("href").startswith("blob:")
+    # the DICOM SEG download: the tuned mask as a Segmentation object, readable by pydicom
+    seg = card.find_element(By.CSS_SELECTOR, ".dl-seg")
+    href = seg.get_attribute("href")
+    assert href.startswith("data:application/dicom;base64,") and seg.text == "DICOM SEG"
+    assert seg.get_attribute("download") == f"{dicom.stem}.seg.dcm"
+    import base64
+    import io
+
+    segds = pydicom.dcmread(io.BytesIO(base64.b64decode(href.split(",", 1)[1])))
+    assert segds.Modality == "SEG" and segds.SegmentationType == "BINARY"
 
     def area_at(value: float) -> int:
         slider = browser.find_element(By.ID, "threshold")

@@ -301,7 +301,7 @@ CASES = {
     # ---- predict inputs and outputs
     "image missing": ("predict", lambda c, t: (c.copy_runs(t), ["--config", DEMO, *c.over, "--image", str(c.tmp / "x.png")])[1], ["x.png", "not found"]),
     "image is a folder": ("predict", lambda c, t: (c.copy_runs(t), ["--config", DEMO, *c.over, "--image", str(c.tmp)])[1], ["is a folder"]),
-    "image text as png": ("predict", lambda c, t: (c.copy_runs(t), ["--config", DEMO, *c.over, "--image", str(c.file("x.png", "hello"))])[1], ["x.png", "cannot decode"]),
+    "image text as png": ("predict", lambda c, t: (c.copy_runs(t), ["--config", DEMO, *c.over, "--image", str(c.file("x.png", "hello"))])[1], ["x.png", "not a DICOM, PNG or JPEG"]),
     "image text as dcm": ("predict", lambda c, t: (c.copy_runs(t), ["--config", DEMO, *c.over, "--image", str(c.file("x.dcm", "hello"))])[1], ["x.dcm", "DICOM"]),
     "sample missing": ("predict", lambda c, t: (c.copy_runs(t), ["--config", DEMO, "--submission", *c.over, "--sample", str(c.tmp / "s.csv")])[1], ["s.csv", "no such file"]),
     "sample header only": ("predict", lambda c, t: (c.copy_runs(t), ["--config", DEMO, "--submission", *c.over, "--sample", str(c.file("s.csv", "ImageId,EncodedPixels\n")), f"predict.out_dir={c.tmp}"])[1], ["s.csv", "no ImageId"]),

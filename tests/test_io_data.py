@@ -15,6 +15,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pneumoseg import io as pio
+from pneumoseg.data import intake
 from pneumoseg.data.dataset import (
     MANIFEST_COLUMNS,
     build_manifest,
@@ -79,7 +80,7 @@ def copy_sample(real_dir: Path, dst: Path, nested: bool = False) -> Path:
 # ==================================================================================================
 def test_every_real_dicom_reads(real_dir):
     for f in real_dicoms(real_dir):
-        img, tags = pio.read_dicom(f)
+        img, tags = intake.read_dicom(f)
         assert img.shape == (1024, 1024) and img.dtype == np.uint8, f
         assert img.max() > img.min()
         assert tags["PatientSex"] in ("M", "F"), f
@@ -88,8 +89,8 @@ def test_every_real_dicom_reads(real_dir):
         assert (tags["Rows"], tags["Columns"]) == (1024, 1024)
         header = pio.read_dicom_tags(f)
         assert header == tags
-        assert pio.check_dicom(f) == tags
-        assert np.array_equal(pio.read_image(f), img)
+        assert intake.check_dicom(f) == tags
+        assert np.array_equal(intake.read_image(f), img)
 
 
 def test_parse_age():
@@ -103,12 +104,18 @@ def test_parse_age():
 def test_dicom_monochrome1_and_16bit(real_dir, tmp_path):
     src = real_dicoms(real_dir)[0]
     ramp = np.tile(np.arange(256, dtype=np.uint8), (8, 1))
-    inv = pio.read_dicom(write_dicom(src, tmp_path / "m1.dcm", ramp, "MONOCHROME1"))[0]
+    inv = intake.read_dicom(write_dicom(src, tmp_path / "m1.dcm", ramp, "MONOCHROME1"))[0]
     assert np.array_equal(inv, 255 - ramp)
     deep = (np.tile(np.arange(256, dtype=np.uint16), (8, 1)) * 16).astype(np.uint16)  # 12-bit
-    img = pio.read_dicom(write_dicom(src, tmp_path / "d16.dcm", deep))[0]
+    path = write_dicom(src, tmp_path / "d16.dcm", deep)
+    img = intake.read_dicom(path)[0]  # no window in the file: the robust percentile window
+    lo, hi = np.percentile(deep, intake.ROBUST_PERCENTILES)
     assert img.dtype == np.uint8 and img.min() == 0 and img.max() == 255
-    assert np.array_equal(img, ramp)
+    assert np.array_equal(img, np.clip(np.round((deep - lo) * 255 / (hi - lo)), 0, 255))
+    ds = pydicom.dcmread(path)
+    ds.WindowCenter, ds.WindowWidth = 2040.5, 4081  # maps 0..4080 onto the full range
+    ds.save_as(path)
+    assert np.array_equal(intake.read_dicom(path)[0], ramp)
 
 
 def test_dicom_errors_name_the_file(real_dir, tmp_path):
@@ -117,32 +124,32 @@ def test_dicom_errors_name_the_file(real_dir, tmp_path):
     garbage.write_bytes(b"not a dicom" * 100)
     truncated = tmp_path / "truncated.dcm"
     truncated.write_bytes(src.read_bytes()[:-2000])
-    for reader in (pio.read_dicom, pio.read_dicom_tags, pio.check_dicom):
+    for reader in (intake.read_dicom, pio.read_dicom_tags, intake.check_dicom):
         with pytest.raises(pio.DicomReadError, match=r"garbage\.dcm"):
             reader(garbage)
     with pytest.raises(pio.DicomReadError, match=r"truncated\.dcm"):
-        pio.read_dicom(truncated)
+        intake.read_dicom(truncated)
     with pytest.raises(pio.DicomReadError, match=r"truncated\.dcm"):
-        pio.check_dicom(truncated)
+        intake.check_dicom(truncated)
     with pytest.raises(FileNotFoundError, match=r"nothere\.dcm"):
-        pio.read_dicom(tmp_path / "nothere.dcm")
+        intake.read_dicom(tmp_path / "nothere.dcm")
 
 
 def test_png_reading(tmp_path):
     gray = np.random.default_rng(0).integers(0, 256, (20, 30), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "g.png"), gray)
     cv2.imwrite(str(tmp_path / "c.png"), np.dstack([gray] * 3))
-    cv2.imwrite(str(tmp_path / "w.png"), gray.astype(np.uint16) * 256)
+    cv2.imwrite(str(tmp_path / "w.png"), gray.astype(np.uint16) * 257)  # 8 -> 16 bit: x 257
     for name in ("g.png", "c.png", "w.png"):
-        out = pio.read_image(tmp_path / name)
+        out = intake.read_image(tmp_path / name)
         assert out.dtype == np.uint8 and out.shape == (20, 30)
         assert np.array_equal(out, gray), name
     assert pio.png_size(tmp_path / "g.png") == (20, 30)
     (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
     with pytest.raises(ValueError, match=r"bad\.png"):
-        pio.read_png(tmp_path / "bad.png")
+        intake.read_image(tmp_path / "bad.png")
     with pytest.raises(FileNotFoundError, match=r"none\.png"):
-        pio.read_png(tmp_path / "none.png")
+        intake.read_image(tmp_path / "none.png")
 
 
 def test_atomic_write_permissions(tmp_path):
@@ -191,7 +198,7 @@ def test_manifest_train_extract_masks(real_dir):
     r307 = df.loc["1.2.276.0.7230010.3.1.4.8323329.307.1517875162.311533"]
     assert r307.n_instances == 4 and r301.n_instances == 1
     mask = read_mask(r301)
-    png = pio.read_png(root / "1.2.276.0.7230010.3.1.4.8323329.301.1517875162.280319_mask.png")
+    png = intake.read_image(root / "1.2.276.0.7230010.3.1.4.8323329.301.1517875162.280319_mask.png")
     assert int(mask.sum()) == 10099 == r301.mask_area
     assert int((mask & (png > 0)).sum()) == 10099  # inside the independent ground truth
 

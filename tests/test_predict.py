@@ -276,6 +276,40 @@ def test_image_overlay_for_a_real_dicom(tmp_path, real_dir, capsys):
     assert pic.shape == (1024, 1024, 3)
 
 
+def test_image_type_by_content_extensionless_and_multiframe(tmp_path, real_dir, capsys):
+    """``--image`` reads by content: a hospital DICOM without an extension is predicted like its
+    .dcm copy; a DICOM named .png too; a multi-frame file and a corrupt one are refused by name
+    with the intake's message (no blame on a missing decoder that is installed)."""
+    import os
+    import shutil
+
+    import pydicom
+
+    _, _, over = _real_setup(tmp_path, real_dir)
+    dcm = sorted((real_dir / "stage2_test").glob("ID_*.dcm"))[0]
+    bare = shutil.copy(dcm, tmp_path / "IM000001")
+    odd = shutil.copy(dcm, tmp_path / "xray.png")
+    argv = ["--config", DEMO, "--image", str(dcm), "--image", str(bare), "--image", str(odd)]
+    assert predict.main([*argv, *over]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == [dcm.stem, "IM000001", "xray"]
+    assert len({r.split(",", 1)[1] for r in rows}) == 1  # the same mask three times
+    multi = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files",
+                         "SC_rgb_rle_2frame.dcm")  # fmt: skip
+    corrupt = tmp_path / "IM000002"
+    data = bytearray(dcm.read_bytes())
+    start = data.find(b"\xff\xd8\xff") + 2
+    data[start : start + 40] = b"\x00" * 40  # the JPEG stream's first segments zeroed
+    corrupt.write_bytes(bytes(data))
+    code, out = run_cli("predict", "--config", DEMO, "--image", str(bare), "--image", multi,
+                        "--image", str(corrupt), *over)  # fmt: skip
+    assert code == 1, out
+    assert "SC_rgb_rle_2frame.dcm: a multi-frame DICOM (2 frames)" in out
+    line = next(x for x in out.splitlines() if "IM000002: cannot decode the pixel data" in x)
+    assert "stream is corrupt or truncated" in line and "no decoder" not in line
+    assert "2 of 3 image(s) could not be read" in out and "Traceback" not in out
+
+
 # ------------------------------------------------------------------------------------- end to end
 def test_submission_end_to_end_on_tiny_data(tiny_data, caplog):
     over = [*tiny_overrides(tiny_data), "exp=predict_e2e", f"predict.out_dir={tiny_data / 'subs'}",

@@ -118,7 +118,7 @@ def test_predict_images_returns_rows_overlays_and_errors(tiny_data, runs, tmp_pa
     # each reported once, as it came: the unreadable image at once, the batch's predictions after
     assert [r.path for r in seen] == [bad, good[0], good[1]]
     assert all(any(s is r for r in results) for s in seen)
-    assert results[1].error and "cannot decode" in results[1].error
+    assert results[1].error and "bad.png: not a DICOM, PNG or JPEG file" in results[1].error
     assert results[1].image_id is None and results[1].rle is None and results[1].overlay is None
     ok = [results[0], results[2]]
     assert [r.image_id for r in ok] == [p.stem for p in good]

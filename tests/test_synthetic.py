@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from pneumoseg.data.intake import read_dicom
 from pneumoseg.data.rle import read_rle_csv, rle_decode, union_mask
 from pneumoseg.data.synthetic import (
     INFO,
@@ -23,7 +24,6 @@ from pneumoseg.data.synthetic import (
     render_record,
     write_dataset,
 )
-from pneumoseg.io import read_dicom
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 96

@@ -1,13 +1,8 @@
 """File I/O: DICOM and PNG reading, and atomic writes (temp file in the same folder + rename).
 
-Readers return images as ``uint8`` H×W arrays (grayscale, row-major, image orientation):
-
-* :func:`read_dicom` decodes the pixels (all SIIM DICOMs are JPEG-baseline compressed; pydicom 3
-  decodes them with pylibjpeg or Pillow), inverts ``MONOCHROME1`` so that bright = dense, and
-  rescales more than 8 bits to ``uint8`` (min–max of the stored values);
-* :func:`read_dicom_tags` reads only the header (``stop_before_pixels``), for manifests;
-  :func:`check_dicom` also reads the raw pixel bytes (no decode) to catch truncated files;
-* :func:`read_png` reads any PNG as 8-bit grayscale; :func:`read_image` dispatches on the suffix.
+* :func:`read_dicom_tags` reads only a DICOM's header (``stop_before_pixels``), for manifests;
+  :func:`png_size` a PNG's size from its header. Pixels are read by
+  :mod:`pneumoseg.data.intake` (the one image intake of every path).
 
 Every error names the file.
 """
@@ -26,9 +21,6 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
-
-import cv2
-import numpy as np
 
 from pneumoseg.errors import DataError, MissingFileError, OutputExistsError
 
@@ -185,13 +177,11 @@ def _fsync_dir(folder: Path) -> None:
 # DICOM
 # --------------------------------------------------------------------------------------------------
 DICOM_SUFFIXES = (".dcm", ".dicom")
-PNG_SUFFIXES = (".png",)
 TAG_NAMES = ("PatientID", "PatientAge", "PatientSex", "ViewPosition", "Rows", "Columns")
 _HEADER_TAGS = [*TAG_NAMES, "SeriesDescription"]
 _AGE_UNITS = {"Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.25, "D": 1.0 / 365.25}
 _AGE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([YMWD]?)\s*$", re.IGNORECASE)
 _VIEW_RE = re.compile(r"view\s*:\s*([A-Za-z]+)", re.IGNORECASE)
-_JPEG_EOI = b"\xff\xd9"
 
 
 class DicomReadError(DataError):
@@ -264,118 +254,9 @@ def read_dicom_tags(path: str | Path) -> dict[str, Any]:
     return tags
 
 
-def _check_pixel_bytes(path: Path, ds) -> None:
-    if "PixelData" not in ds:
-        raise DicomReadError(f"{path}: no pixel data (file truncated?)")
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    data = ds.PixelData
-    if ts is not None and ts.is_encapsulated:
-        from pydicom.encaps import generate_fragments
-
-        try:
-            frags = [f for f in generate_fragments(data) if len(f)]
-        except Exception as e:
-            raise DicomReadError(f"{path}: corrupt encapsulated pixel data ({e})") from e
-        if not frags:
-            raise DicomReadError(f"{path}: empty encapsulated pixel data")
-        # JPEG (baseline/extended/lossless) streams end with the EOI marker (+ even-length pad).
-        if str(ts).startswith("1.2.840.10008.1.2.4.5") or str(ts) in (
-            "1.2.840.10008.1.2.4.57",
-            "1.2.840.10008.1.2.4.70",
-        ):
-            tail = frags[-1].rstrip(b"\x00")
-            if not tail.endswith(_JPEG_EOI):
-                raise DicomReadError(f"{path}: JPEG stream has no end-of-image marker (truncated?)")
-    else:
-        bits = int(ds.get("BitsAllocated", 8) or 8)
-        spp = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        need = int(ds.Rows) * int(ds.Columns) * spp * frames * bits // 8
-        if len(data) < need:
-            raise DicomReadError(f"{path}: pixel data has {len(data)} bytes, expected {need}")
-
-
-def check_dicom(path: str | Path) -> dict[str, Any]:
-    """Tags like :func:`read_dicom_tags`, after checking the raw pixel bytes are all there.
-
-    Reads the whole file but decodes nothing: catches truncated files (no pixel data, or a JPEG
-    stream without its end-of-image marker) at ~1/10 of the cost of decoding.
-    """
-    path = Path(path)
-    ds = _dcmread(path)
-    tags = _tags(ds)
-    _require_size(path, tags)
-    _check_pixel_bytes(path, ds)
-    return tags
-
-
-def _to_uint8(arr: np.ndarray, ds, path: Path) -> np.ndarray:
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and int(ds.get("SamplesPerPixel", 1)) > 1:
-        if arr.dtype != np.uint8:
-            arr = _scale_to_uint8(arr)
-        return cv2.cvtColor(np.ascontiguousarray(arr[..., :3]), cv2.COLOR_RGB2GRAY)
-    if arr.ndim == 3:  # multi-frame: the first frame
-        arr = arr[0]
-    if arr.ndim != 2:
-        raise DicomReadError(f"{path}: unsupported pixel array shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        arr = _scale_to_uint8(arr)
-    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
-        arr = 255 - arr  # MONOCHROME1: 0 = white; flip so that bright = dense everywhere
-    return np.ascontiguousarray(arr)
-
-
-def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
-    a = arr.astype(np.float32)
-    lo, hi = float(a.min()), float(a.max())
-    if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    return np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-
-
-def read_dicom(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode a DICOM to ``(uint8 H×W image, tags)``; see :func:`read_dicom_tags` for the tags."""
-    path = Path(path)
-    ds = _dcmread(path)
-    tags = _tags(ds)
-    _require_size(path, tags)
-    if "PixelData" not in ds:
-        raise DicomReadError(f"{path}: no pixel data (file truncated?)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arr = ds.pixel_array
-    except Exception as e:
-        raise DicomReadError(
-            f"{path}: cannot decode pixel data ({type(e).__name__}: {e}); JPEG DICOMs need "
-            "pylibjpeg+pylibjpeg-libjpeg or Pillow installed"
-        ) from e
-    return _to_uint8(arr, ds, path), tags
-
-
 # --------------------------------------------------------------------------------------------------
-# PNG and dispatch
+# PNG
 # --------------------------------------------------------------------------------------------------
-def read_png(path: str | Path) -> np.ndarray:
-    """Read a PNG (gray, RGB, 16-bit...) as a uint8 H×W grayscale array."""
-    path = _existing_file(path)
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise DataError(f"{path}: cannot decode the image (corrupt, empty, or not a PNG/JPEG)")
-    return gray_uint8(arr)
-
-
-def gray_uint8(arr: np.ndarray) -> np.ndarray:
-    """What OpenCV decoded (grey, BGR, BGRA; 8/16-bit or float) -> uint8 H×W grey, the one
-    conversion every PNG/JPEG path uses (files, the cache, uploads to the web app)."""
-    if arr.ndim == 3:
-        code = cv2.COLOR_BGRA2GRAY if arr.shape[2] == 4 else cv2.COLOR_BGR2GRAY
-        arr = cv2.cvtColor(arr, code)
-    if arr.dtype != np.uint8:
-        arr = _scale_to_uint8(arr) if arr.dtype.kind == "f" else (arr >> 8).astype(np.uint8)
-    return arr
-
-
 def png_size(path: str | Path) -> tuple[int, int]:
     """(height, width) of a PNG from its header, without decoding the pixels."""
     path = Path(path)
@@ -386,24 +267,6 @@ def png_size(path: str | Path) -> tuple[int, int]:
     width = int.from_bytes(head[16:20], "big")
     height = int.from_bytes(head[20:24], "big")
     return height, width
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """uint8 H×W image from a DICOM (``.dcm``/``.dicom``) or any format OpenCV reads (PNG...)."""
-    path = _existing_file(path)
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return read_dicom(path)[0]
-    return read_png(path)
-
-
-def _existing_file(path: str | Path) -> Path:
-    """``path`` as a Path; a typed error when it is missing or a folder."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{path} is a folder, not an image file: pass the image files themselves")
-    if not path.is_file():
-        raise MissingFileError(f"image file not found: {path}")
-    return path
 
 
 # --------------------------------------------------------------------------------------------------

@@ -121,16 +121,10 @@ def overlay(
         raise ValueError(f"image {img.shape}, probs {p.shape} and mask {m.shape} differ in size")
     if img.dtype != np.uint8:
         img = np.clip(img, 0, 255).astype(np.uint8)
-    rgb = np.repeat(img[..., None], 3, axis=2)
-    col = np.array(color, dtype=np.float32)
-    on = m.astype(bool)
-    rgb[on] = (rgb[on].astype(np.float32) * (1 - alpha) + col * alpha).round().astype(np.uint8)
-
     scale = max(h, w) / 1024.0
     thick = max(1, round(2 * scale))
     font, fscale = cv2.FONT_HERSHEY_SIMPLEX, max(0.35, 0.9 * scale)
-    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(rgb, contours, -1, color, thick, lineType=cv2.LINE_AA)
+    rgb = mask_overlay(img, m, alpha, color, thick)
     box_col = (255, 220, 0)
     for c in components(m, p):
         x, y, bw, bh = c["box"]
@@ -149,6 +143,33 @@ def overlay(
         (255, 255, 255),
         thick,
     )
+    return rgb
+
+
+def mask_overlay(
+    image,
+    mask,
+    alpha: float = 0.35,
+    color: tuple[int, int, int] = (255, 40, 40),
+    thick: int | None = None,
+):
+    """An RGB uint8 copy of ``image`` (uint8 H×W grey) with ``mask`` (H×W, nonzero = on) filled
+    semi-transparent ``color`` and outlined (``thick`` px; default 2 px per 1024 px of size)."""
+    import cv2
+    import numpy as np
+
+    img = np.asarray(image)
+    m = (np.asarray(mask) > 0).astype(np.uint8)
+    if img.ndim != 2 or img.dtype != np.uint8 or m.shape != img.shape:
+        raise ValueError(f"image must be uint8 H×W and mask the same size: {img.shape}, {m.shape}")
+    if thick is None:
+        thick = max(1, round(2 * max(img.shape) / 1024.0))
+    rgb = np.repeat(img[..., None], 3, axis=2)
+    col = np.array(color, dtype=np.float32)
+    on = m.astype(bool)
+    rgb[on] = (rgb[on].astype(np.float32) * (1 - alpha) + col * alpha).round().astype(np.uint8)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(rgb, contours, -1, color, thick, lineType=cv2.LINE_AA)
     return rgb
 
 
@@ -179,11 +200,13 @@ def _text(rgb, text, org, font, fscale, color, thick) -> None:
     cv2.putText(rgb, text, org, font, fscale, color, thick, cv2.LINE_AA)
 
 
-def save_rgb(rgb, path: str | Path) -> Path:
-    """Write an RGB uint8 array as a PNG, atomically."""
+def save_rgb(rgb, path: str | Path, compression: int | None = None) -> Path:
+    """Write an RGB uint8 array as a PNG, atomically (``compression`` 0..9: OpenCV's PNG level;
+    None: its default, fast)."""
     import cv2
 
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    params = [] if compression is None else [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise ValueError(f"cannot encode {path} as PNG")
     with atomic_write(path, "wb") as fh:

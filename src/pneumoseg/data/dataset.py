@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from pneumoseg import io as pio
+from pneumoseg.data import intake
 from pneumoseg.data.rle import read_rle_csv, rle_decode, union_mask
 from pneumoseg.errors import ConfigError, DataError, MissingFileError
 
@@ -353,7 +354,7 @@ class _RleSource:
 def _siim_row(image_id: str, path: Path, rles: list[str] | None, src: _RleSource) -> dict:
     """The manifest row of one DICOM (worker: header tags, and the mask area from ``rles``,
     None when the image is in no CSV)."""
-    tags = pio.check_dicom(path)
+    tags = intake.check_dicom(path)
     h, w = tags["Rows"], tags["Columns"]
     area = _rle_area(image_id, rles, h, w, src) if rles else 0
     return {
@@ -520,7 +521,7 @@ def _png_row(
     if not has_truth and split == "train":
         raise _MaskError(f"mask file not found: {mpath}")
     if has_truth:
-        mask = pio.read_png(mpath) > 0
+        mask = intake.read_mask_png(mpath)
         if mask.shape != (h, w):
             raise _MaskError(f"mask {mask.shape[0]}x{mask.shape[1]} != image {h}x{w}")
         area = int(mask.sum(dtype=np.int64))
@@ -659,7 +660,7 @@ def rle_table(path: str | Path, relative: bool = True) -> dict[str, list[str]]:
 def read_image(row: Mapping[str, Any] | pd.Series) -> np.ndarray:
     """The row's image as uint8 H×W at original size."""
     path = str(_get(row, "image_path"))
-    img = pio.read_image(path)
+    img = intake.read_image(path)
     expect = (int(_get(row, "height")), int(_get(row, "width")))
     if img.shape != expect:
         raise DataError(f"{path}: image is {img.shape}, manifest says {expect}")
@@ -673,7 +674,7 @@ def read_mask(row: Mapping[str, Any] | pd.Series) -> np.ndarray:
         mpath = str(_get(row, "mask_path") or "")
         if not mpath:
             return np.zeros((h, w), dtype=np.uint8)
-        mask = (pio.read_png(mpath) > 0).astype(np.uint8)
+        mask = intake.read_mask_png(mpath).astype(np.uint8)
         if mask.shape != (h, w):
             raise DataError(f"{mpath}: mask is {mask.shape}, manifest says {(h, w)}")
         return mask

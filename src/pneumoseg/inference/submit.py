@@ -35,6 +35,7 @@ from pneumoseg.errors import (
     UserError,
 )
 from pneumoseg.inference.predictor import Predictor
+from pneumoseg.inference.seg_outputs import SegOptions
 from pneumoseg.locks import exclusive, lock_file_for
 
 log = logging.getLogger("pneumoseg.predict")
@@ -59,6 +60,8 @@ class SubmissionResult:
     valid: bool = True  # validated (against the sample's ids when there is one)
     truth: Path | None = None  # the truth RLE CSV it was scored against, if it was
     score: dict | None = None  # score_submission's {"dice", "pos_dice", "n", "n_pos", ...}
+    segs: int = 0  # DICOM SEGs written, with dicom_seg
+    seg_failed: list[str] = field(default_factory=list)  # "<id>: why" of SEGs not written
 
 
 @dataclass
@@ -72,6 +75,10 @@ class ImageResult:
     pixels: int = 0  # positive pixels of the mask
     overlay: Path | None = None  # the overlay PNG written, with an overlay folder
     error: str | None = None  # why the image could not be read (nothing else is set then)
+    intake: dict | None = None  # what was done to the pixels (data.intake.IntakeInfo.as_dict)
+    seg: Path | None = None  # the DICOM SEG written, with dicom_seg
+    seg_note: str | None = None  # why no SEG was written (a PNG/JPEG input, --seg-skip-empty)
+    seg_error: str | None = None  # why its SEG could not be written (the row was predicted)
 
     @property
     def row(self) -> str:
@@ -132,6 +139,7 @@ def predict_submission(
     allow_missing: bool = False,
     rle: str | None = None,
     quiet: bool = False,
+    dicom_seg: SegOptions | None = None,
 ) -> SubmissionResult:
     """Predict the test set and write the submission CSV ``out`` (default
     :func:`submission_path`) atomically; validate it, and score it when the config has the test
@@ -143,7 +151,9 @@ def predict_submission(
     ``allow_missing`` (or ``predict.allow_missing``): -1 rows then, with a warning. An existing
     ``out`` is an :class:`~pneumoseg.errors.OutputExistsError` unless ``force``; even then it is
     replaced only by a file that validated. ``rle``: ``"relative"`` or ``"absolute"`` (default
-    ``predict.rle``). ``quiet``: no progress bar.
+    ``predict.rle``). ``quiet``: no progress bar. ``dicom_seg``: also one DICOM SEG per test
+    DICOM in ``dicom_seg.out_dir`` (existing ones refused before anything is predicted unless
+    ``dicom_seg.force``; a PNG test set gets none, with a warning).
     """
     from pneumoseg.inference.submission import publish_submission
 
@@ -161,7 +171,8 @@ def predict_submission(
         sample_path = find_sample(cfg, sample)
         ids, missing, extra = _submission_ids(sample_path, index, allow_missing)
         todo = [i for i in ids if i in index]
-        rles = _predict_cached(predictor, cache, index, sizes, todo, quiet)
+        with _seg_sink(cfg, predictor, dicom_seg, todo, cache.manifest) as sink:
+            rles = _predict_cached(predictor, cache, index, sizes, todo, quiet, sink)
         n_pos = sum(r != "-1" for r in rles.values())
         log.info("%d/%d image(s) predicted positive", n_pos, len(rles))
 
@@ -182,6 +193,8 @@ def predict_submission(
         failed=list(cache.failed_ids),
         truth=truth,
         score=score,
+        segs=0 if sink is None else sink.written,
+        seg_failed=[] if sink is None else list(sink.failed),
     )
 
 
@@ -229,9 +242,42 @@ def _submission_ids(
     return ids, missing, extra
 
 
-def _predict_cached(predictor, cache, index, sizes, todo: Sequence[str], quiet: bool) -> dict:
+@contextlib.contextmanager
+def _seg_sink(cfg, predictor, opts: SegOptions | None, todo: Sequence[str], manifest):
+    """A :class:`~pneumoseg.inference.seg_outputs.SegSink` over the test images (its folder
+    locked, existing SEGs refused first), or None without ``opts``."""
+    if opts is None:
+        yield None
+        return
+    from pneumoseg.inference.seg_outputs import SegSink, check_targets
+
+    check_targets(opts, todo)
+    with exclusive(lock_file_for(opts.out_dir), f"SEG folder {opts.out_dir}"):
+        sink = SegSink(cfg, predictor.params, opts)
+        rows = manifest.set_index(manifest["id"].astype(str))
+        sink.sources = {i: (rows.at[i, "image_path"], rows.at[i, "source"]) for i in todo}
+        if todo and all(kind != "siim" for _, kind in sink.sources.values()):
+            log.warning("the test images are PNGs (data.layout=png): no DICOM SEG can be "
+                        "written; the submission is")  # fmt: skip
+        yield sink
+        log.info("%s", sink.summary())
+
+
+def _seg_of(sink, image_id: str, mask, prob) -> None:
+    """The SEG of one test image; a source that cannot give one is logged and listed (the
+    submission is still written)."""
+    path, kind = sink.sources[image_id]
+    try:
+        sink.write(image_id, Path(path), "dicom" if kind == "siim" else "png", mask, prob)
+    except UserError as e:
+        sink.failed.append(f"{image_id}: {e}")
+        log.error("%s", e)
+
+
+def _predict_cached(predictor, cache, index, sizes, todo: Sequence[str], quiet: bool, sink=None):
     """``{id: rle}`` of the cached test images ``todo``, in batches, post-processing (two
-    threads) while the next batch predicts, at most two batches behind (bounded memory)."""
+    threads) while the next batch predicts, at most two batches behind (bounded memory); with a
+    SEG ``sink``, each image's SEG is written as its mask is ready."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -241,6 +287,12 @@ def _predict_cached(predictor, cache, index, sizes, todo: Sequence[str], quiet: 
     rles: dict[str, str] = {}
     pending: deque = deque()
     bs = predictor.batch_size
+
+    def settle(image_id, fut, prob) -> None:
+        mask, rles[image_id] = fut.result()
+        if sink is not None:
+            _seg_of(sink, image_id, mask, prob)
+
     with (
         ThreadPoolExecutor(max_workers=2) as pool,
         tqdm(total=len(todo), desc="predict", unit="img", disable=quiet or None) as bar,
@@ -254,13 +306,13 @@ def _predict_cached(predictor, cache, index, sizes, todo: Sequence[str], quiet: 
             probs, cls = predictor.probs(images, [sizes[i] for i in chunk])
             for j, image_id in enumerate(chunk):
                 c = None if cls is None else float(cls[j])
-                pending.append((image_id, pool.submit(predictor.finish, probs[j], c)))
+                keep = probs[j] if sink is not None and sink.opts.fractional else None
+                pending.append((image_id, pool.submit(predictor.finish, probs[j], c), keep))
             while len(pending) > 2 * bs:
-                image_id, fut = pending.popleft()
-                rles[image_id] = fut.result()[1]
+                settle(*pending.popleft())
             bar.update(len(chunk))
-        for image_id, fut in pending:
-            rles[image_id] = fut.result()[1]
+        for item in pending:
+            settle(*item)
     return rles
 
 
@@ -293,76 +345,116 @@ def _score(cfg: dict, out: Path, sizes, relative: bool, missing: Sequence[str]):
 # ==================================================================================================
 # single images
 # ==================================================================================================
+@dataclass
+class _Outputs:
+    """Where each predicted image's outputs go: overlays, SEGs, the caller's callback."""
+
+    folder: Path | None
+    emit: Callable[[ImageResult], None]
+    sink: Any = None  # a seg_outputs.SegSink, with --dicom-seg
+
+
 def predict_images(
     cfg: dict,
     paths: Iterable[str | Path],
     overlay_dir: str | Path | None = None,
     rle: str | None = None,
     on_result: Callable[[ImageResult], None] | None = None,
+    dicom_seg: SegOptions | None = None,
 ) -> list[ImageResult]:
-    """Predict each DICOM/PNG of ``paths``: one :class:`ImageResult` per path, in their order.
+    """Predict each DICOM/PNG/JPEG of ``paths`` (the type read from the content): one
+    :class:`ImageResult` per path, in their order.
 
     An image that cannot be read is logged and its result carries the ``error`` (the others are
     predicted: the caller decides what a failure means). With ``overlay_dir``, each image's
     overlay (the mask, a box and mean probability per component, the image-level probability) is
-    written to ``overlay_dir/<image_id>.png``. ``rle``: ``"relative"`` or ``"absolute"`` (default
-    ``predict.rle``). ``on_result`` is called with each result as soon as it is known (unreadable
-    images of a batch first, then its predictions, each before its overlay is written), e.g. to
-    stream rows.
+    written to ``overlay_dir/<image_id>.png``. With ``dicom_seg``, each DICOM's Segmentation is
+    written to ``<dicom_seg.out_dir>/<image_id>.seg.dcm`` (a PNG/JPEG gets a ``seg_note``
+    instead); existing SEGs are refused before anything is predicted unless
+    ``dicom_seg.force``. ``rle``: ``"relative"`` or ``"absolute"`` (default ``predict.rle``).
+    ``on_result`` is called with each result as soon as it is known (unreadable images of a batch
+    first, then its predictions, each before its overlay is written), e.g. to stream rows.
     """
-    from pneumoseg.io import read_image
+    from pneumoseg.inference.seg_outputs import SegSink, check_targets
+    from pneumoseg.safe_text import safe_id
 
     paths = [Path(p) for p in paths]
-    folder = Path(overlay_dir) if overlay_dir is not None else None
-    emit = on_result or (lambda result: None)
+    if dicom_seg is not None:
+        check_targets(dicom_seg, [safe_id(p.stem, f"image-{k}") for k, p in enumerate(paths)])
+    out = _Outputs(Path(overlay_dir) if overlay_dir is not None else None,
+                   on_result or (lambda result: None))  # fmt: skip
     results: list[ImageResult | None] = [None] * len(paths)
-    lock = (
-        exclusive(lock_file_for(folder), f"overlay folder {folder}")
-        if folder is not None
-        else contextlib.nullcontext()
-    )
-    with lock:
+    with contextlib.ExitStack() as stack:
+        for what, folder in (("overlay", out.folder),
+                             ("SEG", dicom_seg.out_dir if dicom_seg else None)):  # fmt: skip
+            if folder is not None:
+                stack.enter_context(exclusive(lock_file_for(folder), f"{what} folder {folder}"))
         predictor = Predictor(cfg, rle_form(cfg, rle) == "relative")
-        bs = predictor.batch_size
-        for start in range(0, len(paths), bs):
-            good, originals = [], []
-            for k, path in enumerate(paths[start : start + bs], start):
-                try:
-                    originals.append(read_image(path))
-                    good.append(k)
-                except UserError as e:
-                    results[k] = ImageResult(path, error=str(e))
-                    emit(results[k])
-                    log.error("%s", e)
-            if not good:
-                continue
-            batch = [paths[k] for k in good]
-            for k, result in zip(
-                good, _predict_batch(predictor, batch, originals, start, folder, emit), strict=True
-            ):
+        if dicom_seg is not None:
+            out.sink = SegSink(cfg, predictor.params, dicom_seg)
+        for start in range(0, len(paths), predictor.batch_size):
+            batch = _read_batch(paths, start, predictor.batch_size, results, out.emit)
+            for k, result in _predict_batch(predictor, batch, out):
                 results[k] = result
+        if out.sink is not None:
+            log.info("%s", out.sink.summary())
     return [r for r in results if r is not None]
 
 
-def _predict_batch(predictor, paths, originals, start: int, folder: Path | None, emit):
-    """Results of one batch of read images (yielded one by one, each overlay after its emit)."""
+def _read_batch(paths, start: int, size: int, results: list, emit) -> list[tuple]:
+    """``(index, path, image, intake)`` of the readable images of one batch; the unreadable ones
+    get their error result (emitted) in ``results``."""
+    from pneumoseg.data.intake import read_intake
+
+    batch = []
+    for k, path in enumerate(paths[start : start + size], start):
+        try:
+            intake = read_intake(path)
+            batch.append((k, path, intake.image, intake.info))
+        except UserError as e:
+            results[k] = ImageResult(path, error=str(e))
+            emit(results[k])
+            log.error("%s", e)
+    return batch
+
+
+def _predict_batch(predictor, batch: list[tuple], out: _Outputs):
+    """``(index, result)`` of each read image of a batch (yielded one by one: its SEG written,
+    then the result emitted, then its overlay written)."""
     from pneumoseg.safe_text import safe_id
     from pneumoseg.visualize import overlay, save_rgb
 
-    probs, cls = predictor.probs_of(originals)
-    for j, path in enumerate(paths):
+    if not batch:
+        return
+    probs, cls = predictor.probs_of([image for _, _, image, _ in batch])
+    for j, (k, path, image, info) in enumerate(batch):
         c = None if cls is None else float(cls[j])
         mask, rle = predictor.finish(probs[j], c)
         # a file name is anyone's text: a UID or plain stem is kept, anything else hashed
-        # (pneumoseg.safe_text), so the CSV row and the overlay's name are always safe
-        image_id = safe_id(path.stem, f"image-{start + j}")
+        # (pneumoseg.safe_text), so the CSV row and the output names are always safe
+        image_id = safe_id(path.stem, f"image-{k}")
         prob = float(probs[j].max()) if c is None else c
-        result = ImageResult(path, image_id, rle, prob, int(mask.sum()))
-        emit(result)
-        if folder is not None:
-            pic = overlay(originals[j], probs[j], mask, title=image_id, image_prob=prob)
-            result.overlay = save_rgb(pic, folder / f"{image_id}.png")
-            log.info(
-                "%s: %d positive pixel(s), p=%.3f -> %s", path, result.pixels, prob, result.overlay
-            )
-        yield result
+        result = ImageResult(path, image_id, rle, prob, int(mask.sum()), intake=info.as_dict())
+        if out.sink is not None:
+            _write_seg(out.sink, result, info.kind, mask, probs[j])
+        out.emit(result)
+        if out.folder is not None:
+            pic = overlay(image, probs[j], mask, title=image_id, image_prob=prob)
+            result.overlay = save_rgb(pic, out.folder / f"{image_id}.png")
+            log.info("%s: %d positive pixel(s), p=%.3f -> %s", path, result.pixels, prob,
+                     result.overlay)  # fmt: skip
+        yield k, result
+
+
+def _write_seg(sink, result: ImageResult, kind: str, mask, prob) -> None:
+    """The image's SEG through ``sink``; a source that cannot give one is this image's
+    ``seg_error`` (logged), not the run's end."""
+    try:
+        result.seg, result.seg_note = sink.write(result.image_id, result.path, kind, mask, prob)
+    except UserError as e:
+        result.seg_error = str(e)
+        sink.failed.append(f"{result.image_id}: {e}")
+        log.error("%s", e)
+        return
+    if result.seg_note:
+        log.warning("%s: %s", result.path, result.seg_note)

@@ -39,6 +39,16 @@ RESULT_EXAMPLE = {
     "components": [
         {"box": [608, 380, 22, 96], "area": 1830, "score": 0.781202, "max_probability": 0.912345}
     ],
+    "intake": {
+        "kind": "dicom",
+        "bits": 12,
+        "photometric": "MONOCHROME1",
+        "window": "window",
+        "range": [0.0, 4095.0],
+        "inverted": True,
+        "padding_pixels": 0,
+        "rescaled": False,
+    },
 }
 FAILURE_EXAMPLE = {
     "index": 1,
@@ -91,6 +101,25 @@ class Component(_Exact):
     max_probability: float = Field(ge=0, le=1, description="highest pixel probability in it")
 
 
+class Intake(_Exact):
+    """What was done to the pixels on their way to the 8-bit grey image the model reads."""
+
+    kind: Literal["dicom", "png", "jpeg"] = Field(description="read from the content")
+    bits: int = Field(ge=1, le=32, description="bits stored (DICOM) or significant bits (PNG)")
+    photometric: str = Field(description="the DICOM's PhotometricInterpretation, else GREY/RGB")
+    window: Literal["as-stored", "bits", "voi-lut", "window", "percentile"] = Field(
+        description="`as-stored`: 8-bit data used as it is; `bits`: scaled by its bit depth's "
+        "range; `voi-lut`/`window`: the file's VOI LUT or window; `percentile`: no VOI in the "
+        "file, the robust 0.5-99.5 percentile window of the non-padding pixels"
+    )
+    range: list[float] | None = Field(
+        None, description="the [low, high] values mapped to black and white"
+    )
+    inverted: bool = Field(description="MONOCHROME1 inverted so that bright = dense")
+    padding_pixels: int = Field(ge=0, description="pixels equal to PixelPaddingValue (set black)")
+    rescaled: bool = Field(description="a modality LUT or RescaleSlope/Intercept was applied")
+
+
 def _png(what: str, name: str) -> Any:
     return Field(None, description=f"base64 PNG of {what}; only with `outputs={name}`")
 
@@ -121,10 +150,19 @@ class FileResult(_Exact):
         "`predict.rle` format, `-1` when empty): the row `predict.py` writes for this image"
     )
     components: list[Component] = Field(description="the mask's regions")
+    intake: Intake = Field(description="how the file's pixels became the model's grey image")
     mask_png: str | None = _png("the final mask (0/255)", "mask")
     prob_png: str | None = _png("the probability map (p x 255)", "prob")
     image_png: str | None = _png("the decoded grey image", "image")
     overlay_png: str | None = _png("the server-drawn overlay", "overlay")
+    seg_dcm: str | None = Field(
+        None,
+        description="base64 DICOM Segmentation (BINARY, the final mask, at the upload's "
+        "geometry, referencing it); only with `outputs=seg`, for a DICOM upload",
+    )
+    seg_note: str | None = Field(
+        None, description="with `outputs=seg`: why there is no `seg_dcm` (a PNG/JPEG upload...)"
+    )
 
 
 class FileError(_Exact):

@@ -28,6 +28,7 @@ import base64
 import contextlib
 import json
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -73,15 +74,23 @@ PREDICT_PATH = "/api/predict"
 
 # PNGs a client may ask for (base64 in the JSON): the final mask, the server-drawn overlay, the
 # probability map (p x 255: the page re-thresholds it without a new forward pass) and the decoded
-# grey image (browsers cannot show DICOM).
-OUTPUTS = ("mask", "overlay", "prob", "image")
+# grey image (browsers cannot show DICOM); and for a DICOM upload its DICOM SEG (BINARY, the
+# final mask) for a viewer or PACS.
+OUTPUTS = ("mask", "overlay", "prob", "image", "seg")
 
 # The fixed texts of the app's own refusals (also the examples in /openapi.json).
 BUSY = "the server is busy: retry shortly"
 NO_MODEL = "no model is loaded: see GET /health for what to run"
 NO_FILE = "no file in the multipart field 'files'"
 UNKNOWN_OUTPUTS = f"unknown outputs; valid: {', '.join(OUTPUTS)}"
-OUTPUTS_TEXT = f"comma-separated PNGs to add to each result, in base64: {', '.join(OUTPUTS)}"
+OUTPUTS_TEXT = (
+    f"comma-separated outputs to add to each result, in base64: {', '.join(OUTPUTS)} (PNGs; "
+    "`seg`: the DICOM SEG of a DICOM upload)"
+)
+SEG_FAILED = (
+    "no DICOM SEG: this DICOM lacks what a SEG must reference (e.g. a SOPInstanceUID) or "
+    "cannot be segmented as one image"
+)
 
 
 def too_large_text(limit: int) -> str:
@@ -252,6 +261,7 @@ class Service:
 
         self.cfg, self.version = cfg, __version__
         self.predictor, self.problem = predictor, None
+        self.seg_algorithm = None  # what a DICOM SEG records of the experiment, on first use
         if predictor is None:
             try:
                 from pneumoseg.inference.predictor import Predictor
@@ -342,6 +352,8 @@ class Service:
 
     def _result(self, d: Decoded, prob: np.ndarray, cls: float | None, outputs: set[str]) -> dict:
         mask, rle = self.predictor.finish(prob, cls)
+        if d.info is not None:  # public facts about the pixels: no name, id or tag text
+            log.debug("upload intake: %s", d.info.as_dict())
         image_prob = float(prob.max()) if cls is None else cls
         res = {
             "kind": d.kind,
@@ -360,6 +372,7 @@ class Service:
                 }
                 for c in components(mask, prob)
             ],
+            "intake": d.info.as_dict() if d.info is not None else None,
         }
         if "mask" in outputs:
             res["mask_png"] = _png_b64((mask > 0).astype(np.uint8) * 255)
@@ -370,7 +383,27 @@ class Service:
         if "overlay" in outputs:
             pic = overlay(d.image, prob, mask, image_prob=image_prob)
             res["overlay_png"] = _png_b64(pic[..., ::-1])  # RGB -> BGR for OpenCV
+        if "seg" in outputs:
+            res.update(self._seg(d, mask))
         return res
+
+    def _seg(self, d: Decoded, mask: np.ndarray) -> dict:
+        """``seg_dcm`` (base64 DICOM SEG, BINARY) for a DICOM upload, else ``seg_note``; written
+        in a private temp folder that goes with the request (uploads never reach disk by name),
+        read back and checked by the writer first. Notes are fixed texts."""
+        from pneumoseg.inference.dicom_seg import write_seg
+        from pneumoseg.inference.seg_outputs import NOT_DICOM, algorithm_of
+
+        if d.kind != "dicom" or d.dataset is None:
+            return {"seg_note": NOT_DICOM.format(kind=d.kind.upper())}
+        with tempfile.TemporaryDirectory(prefix="pneumoseg-seg-") as tmp:
+            try:
+                if self.seg_algorithm is None:
+                    self.seg_algorithm = algorithm_of(self.cfg, self.predictor.params)
+                path = write_seg(d.dataset, mask, Path(tmp) / "seg.dcm", self.seg_algorithm)
+            except UserError:
+                return {"seg_note": SEG_FAILED}
+            return {"seg_dcm": base64.b64encode(path.read_bytes()).decode("ascii")}
 
 
 def _threshold_of(params: Mapping[str, Any]) -> float:

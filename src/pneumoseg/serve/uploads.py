@@ -27,11 +27,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from pneumoseg.data.intake import DICOM_MAGIC_OFFSET, IntakeInfo, sniff
 from pneumoseg.errors import UserError
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-JPEG_SIGNATURE = b"\xff\xd8\xff"
-DICOM_MAGIC_OFFSET = 128
 # frame headers: JPEG SOF0..SOF15 (not DHT C4, JPG C8, DAC CC) and JPEG-LS SOF55 (F7)
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
 _LSE = 0xF8  # JPEG-LS preset parameters; id 4 carries image dimensions above 65535
@@ -88,17 +86,8 @@ class Decoded:
     image: np.ndarray  # uint8 H×W grey
     kind: str  # dicom | png | jpeg
     image_id: str | None  # the DICOM's raw SOPInstanceUID; None for PNG/JPEG
-
-
-def sniff(data: bytes) -> str | None:
-    """``dicom`` | ``png`` | ``jpeg`` from the leading bytes, or None."""
-    if len(data) >= DICOM_MAGIC_OFFSET + 4 and data[128:132] == b"DICM":
-        return "dicom"
-    if data.startswith(PNG_SIGNATURE):
-        return "png"
-    if data.startswith(JPEG_SIGNATURE):
-        return "jpeg"
-    return None
+    info: IntakeInfo | None = None  # what the intake did to the pixels (window, inversion...)
+    dataset: Any = None  # a DICOM's pydicom Dataset (header; for its DICOM SEG), else None
 
 
 def png_dims(data: bytes) -> tuple[int, int]:
@@ -243,9 +232,14 @@ def _first_frame(ds) -> bytes:
 
 
 def _check_native(ds, g: Geometry, max_pixels: int) -> None:
+    from pydicom.pixels.utils import get_expected_length
+
     if g.bits not in (1, 8, 16, 32, 64):
         raise UploadError(422, f"the DICOM has {g.bits} bits allocated per sample (unsupported)")
-    need = (g.rows * g.cols * g.samples * g.bits + 7) // 8
+    try:  # pydicom's own count: it knows YBR_FULL_422's subsampling and 1-bit packing
+        need = get_expected_length(ds, "bytes")
+    except Exception:
+        raise UploadError(422, "the DICOM's image attributes are invalid (corrupt)") from None
     have = len(ds.PixelData)
     if not need <= have <= need + 1:  # + 1: the pad byte of an odd length
         raise UploadError(
@@ -395,10 +389,10 @@ def _inspect_dataset(data: bytes, ts: str, max_pixels: int) -> Header:
     return Header("dicom", g.rows, g.cols, uid, ds)
 
 
-def _decode_dicom(h: Header) -> np.ndarray:
+def _decode_dicom(h: Header) -> tuple[np.ndarray, IntakeInfo]:
     from pydicom.pixels import get_decoder
 
-    from pneumoseg.io import _to_uint8
+    from pneumoseg.data.intake import dicom_to_uint8
 
     ds = h.source
     try:
@@ -406,13 +400,13 @@ def _decode_dicom(h: Header) -> np.ndarray:
             warnings.simplefilter("ignore")
             # frame 0 only (the bytes checked above), and not cached on the dataset
             arr, _ = get_decoder(ds.file_meta.TransferSyntaxUID).as_array(ds, index=0)
-            image = _to_uint8(arr, ds, "upload")
+            intake = dicom_to_uint8(arr, ds, "upload")
     except Exception:
         raise UploadError(422, "the DICOM cannot be decoded (truncated, corrupt or not an "
                                "image)") from None  # fmt: skip
-    if image.shape != (h.height, h.width):
+    if intake.image.shape != (h.height, h.width):
         raise UploadError(422, "the DICOM decodes to another size than its header says")
-    return image
+    return intake.image, intake.info
 
 
 # ------------------------------------------------------------------------------------ PNG and JPEG
@@ -434,15 +428,21 @@ def _inspect_raster(data: bytes, kind: str, max_pixels: int) -> Header:
     return Header(kind, h, w, None, data)
 
 
-def _decode_raster(h: Header) -> np.ndarray:
+def _decode_raster(h: Header) -> tuple[np.ndarray, IntakeInfo]:
     import cv2
 
-    from pneumoseg.io import gray_uint8
+    from pneumoseg.data.intake import png_significant_bits, raster_to_uint8
 
     arr = cv2.imdecode(np.frombuffer(h.source, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None or arr.shape[:2] != (h.height, h.width):
         raise UploadError(422, f"the {h.kind.upper()} cannot be decoded (truncated or corrupt)")
-    return gray_uint8(arr)
+    sbit = png_significant_bits(h.source) if h.kind == "png" else None
+    try:
+        intake = raster_to_uint8(arr, h.kind, sbit)
+    except UserError:
+        raise UploadError(422, f"the {h.kind.upper()} has a pixel type this server does not "
+                               "read") from None  # fmt: skip
+    return intake.image, intake.info
 
 
 def inspect_upload(data: bytes, max_pixels: int) -> Header:
@@ -461,8 +461,9 @@ def inspect_upload(data: bytes, max_pixels: int) -> Header:
 def decode(header: Header) -> Decoded:
     """The pixels of an inspected upload; :class:`UploadError` (422) when they do not decode to
     the size its header promised."""
-    image = _decode_dicom(header) if header.kind == "dicom" else _decode_raster(header)
-    return Decoded(image, header.kind, header.image_id)
+    image, info = _decode_dicom(header) if header.kind == "dicom" else _decode_raster(header)
+    dataset = header.source if header.kind == "dicom" else None
+    return Decoded(image, header.kind, header.image_id, info, dataset)
 
 
 def decode_upload(data: bytes, max_pixels: int) -> Decoded:

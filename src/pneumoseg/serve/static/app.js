@@ -204,6 +204,14 @@ async function addResult(file, result) {
   card.querySelector(".dl-mask").download = `${base}_mask.png`;
   card.querySelector(".dl-overlay").download = `${base}_overlay.png`;
   card.querySelector(".dl-row").download = `${base}.csv`;
+  const seg = card.querySelector(".dl-seg");
+  if (result.seg_dcm) {  // the tuned mask as a DICOM SEG, for a viewer or PACS
+    seg.href = `data:application/dicom;base64,${result.seg_dcm}`;
+    seg.download = `${base}.seg.dcm`;
+  } else {
+    seg.replaceWith(Object.assign(document.createElement("span"),
+      { className: "seg-note", textContent: result.seg_note || "no DICOM SEG" }));
+  }
   const item = { card, result, w: gray.w, h: gray.h, gray: gray.data, prob: prob.data, tunedMask };
   state.items.push(item);
   render(item);
@@ -217,7 +225,7 @@ async function upload(files) {
   setMessage(`Predicting ${files.length} image(s)…`);
   let response, body;
   try {
-    response = await fetch("/api/predict?outputs=image,prob,mask", { method: "POST", body: form });
+    response = await fetch("/api/predict?outputs=image,prob,mask,seg", { method: "POST", body: form });
     body = await response.json();
   } catch (e) {
     setMessage("The server did not answer: try again.", true);
