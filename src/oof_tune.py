@@ -14,7 +14,10 @@ have ``oof_cls.npy``) for the best mean competition Dice over all OOF images, an
   positive-only Dice, empty/non-empty accuracy, MMSeg-style mIoU / mDice;
 * ``oof_grid.csv``: the mean Dice of every setting searched;
 * ``oof_grid.png``: Dice heatmaps over threshold × min_area and top_threshold × top_area (at the
-  best bottom threshold), best cells marked.
+  best bottom threshold), best cells marked;
+* ``report/``: CV Dice with a 95% bootstrap interval (over patients), ROC / PR curves, sensitivity,
+  specificity, PPV, NPV at the tuned decision, Dice by lesion size, calibration: PNGs,
+  ``metrics.json`` and a self-contained ``report.html``.
 
 Areas in the grids and in postprocess.yaml are pixels at 1024²; they are scaled to the OOF size.
 The Dice of the chosen setting is recomputed from scratch with ``apply_postprocess`` on every OOF
@@ -57,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         "chose %s (%s): CV Dice %.4f ± %.4f -> %s",
         result.family, result.setting, result.cv_dice, result.cv_dice_std, result.postprocess,
     )  # fmt: skip
+    if result.cv_dice_nested is not None:
+        log.info("nested CV Dice (each fold scored with a setting tuned without it): %.4f",
+                 result.cv_dice_nested)  # fmt: skip
+    log.info("report %s: %s", result.report["html"], result.headline)
     return 0
 
 

@@ -133,6 +133,9 @@ TYPE_ERRORS = [
     (["cache.size=null"], "'cache.size' must be int (default 512), not null"),
     (["train.amp=null"], "'train.amp' must be str (default 'auto'), not null"),
     (["train.epochs=abc"], "'train.epochs' must be int (default 20), got str 'abc'"),
+    (["select.candidates=demo"], "'select.candidates' must be"),
+    (["select.nested=maybe"], "'select.nested' must be bool"),
+    (["select.max_steps=2.5"], "'select.max_steps' must be int"),
 ]
 
 
@@ -277,6 +280,15 @@ RULES = [
     (["predict.amp=fp16", "train.device=cpu"], "predict.amp"),
     (["predict.rle=rel"], "predict.rle"),
     (["predict.out_dir="], "predict.out_dir"),
+    (["select.candidates=[a, a]"], "select.candidates: a listed twice"),
+    (["select.candidates=[../a]"], "select.candidates[0]"),
+    (["select.candidates=[a, 3]"], "select.candidates[1]"),
+    (
+        ["exp=mix", "select.candidates=[a, mix]"],
+        "select.candidates: 'mix' is this config's own exp",
+    ),
+    (["select.max_steps=0"], "select.max_steps"),
+    (["select.max_steps=1001"], "select.max_steps"),
 ]
 
 
@@ -318,6 +330,8 @@ BOUNDS = [
     ["predict.folds=[full, 4]"], ["predict.folds=-1"], ["predict.tta=[0.25, 4, vflip]"],
     ["predict.batch_size=1024"], ["predict.batch_size=1"], ["predict.amp=none", "train.device=cpu"],
     ["predict.experiments=[[a, 0.001], b]"],
+    ["select.candidates=[a, b, c]", "select.max_steps=1"], ["select.max_steps=1000"],
+    ["select.nested=false"],
 ]  # fmt: skip
 
 

@@ -65,3 +65,15 @@ def test_clean_has_no_summary():
     assert not result.ran
     with pytest.raises(ValueError, match="no summary"):
         result.summary()
+
+
+def test_summary_prints_the_report_headline():
+    result = tiny_result()
+    result.report = "CV Dice 0.757 [0.700, 0.800] (95% bootstrap over 9 patients, 9 images)"
+    lines = result.summary().splitlines()
+    at = lines.index(next(x for x in lines if x.startswith("Tuned post-processing")))
+    assert lines[at + 1] == (
+        "OOF report (runs/demo/report/report.html): CV Dice 0.757 [0.700, 0.800] (95% bootstrap "
+        "over 9 patients, 9 images)"
+    )
+    assert [x for x in lines if not x.startswith("OOF report")] == SUMMARY.splitlines()

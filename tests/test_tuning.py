@@ -38,6 +38,15 @@ def test_tune_returns_what_it_wrote(tiny_data, capsys):
     assert result.params["method"] == result.family.removesuffix("+gate")
     assert result.cv_dice == result.params["cv_dice"]
     assert result.cv_dice_std == result.params["cv_dice_std"]
+    # the report folder: plots, metrics.json and one self-contained page, and its headline
+    assert sorted(result.report) == ["dice_by_size", "html", "metrics", "pr", "reliability", "roc"]
+    assert all(p.is_file() and p.parent == exp / "report" for p in result.report.values())
+    html = result.report["html"].read_text()
+    assert html.count("data:image/png;base64,") == 4 and "http" not in html
+    assert result.headline.startswith("CV Dice ") and "AUROC" in result.headline
+    # nested CV: each fold scored with a setting tuned on the other: never above the plain CV
+    assert result.cv_dice_nested is not None and result.cv_dice_nested <= result.cv_dice + 1e-9
+    assert "nested CV Dice" in html
     assert result.setting == describe(result.params)
     assert result.folds == result.params["folds"] == [0, 1]
     assert result.n_images == result.params["n_images"] == 32

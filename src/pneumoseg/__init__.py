@@ -32,6 +32,7 @@ _API = {
     "make_folds": ("pneumoseg.data.folds_file", "make_folds"),
     "fit": ("pneumoseg.training.fit", "fit"),
     "tune": ("pneumoseg.tuning", "tune"),
+    "select_ensemble": ("pneumoseg.ensembling.run", "select_ensemble"),
     "Predictor": ("pneumoseg.inference.predictor", "Predictor"),
     "predict_submission": ("pneumoseg.inference.submit", "predict_submission"),
     "predict_images": ("pneumoseg.inference.submit", "predict_images"),

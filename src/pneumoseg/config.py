@@ -197,6 +197,37 @@ def load_config(
     return cfg
 
 
+ENSEMBLE_FILE = "ensemble.yaml"  # written by select_ensemble.py in runs/<exp>/
+
+
+def ensemble_path(cfg: Mapping) -> Path:
+    """``<train.out_dir>/<exp>/ensemble.yaml``: the blend ``select_ensemble.py`` chose."""
+    return Path(str(cfg["train"]["out_dir"])) / str(cfg["exp"]) / ENSEMBLE_FILE
+
+
+def blend_members(cfg: Mapping) -> list[tuple[str, float]]:
+    """The experiments a prediction or tuning of ``cfg`` blends, ``[(exp, weight), ...]``:
+    ``predict.experiments`` when given; else the blend in ``runs/<exp>/ensemble.yaml`` when
+    ``select_ensemble.py`` wrote one; else ``[(exp, 1.0)]``. One rule for every stage, so that
+    a tuning, a prediction and the web app of one config always mean the same models."""
+    from pneumoseg.schema import experiment_list
+
+    path = ensemble_path(cfg)
+    if cfg["predict"].get("experiments") or not path.is_file():
+        return experiment_list(cfg)
+    data = _read_yaml(path)
+    members = data.get("members") if isinstance(data, Mapping) else None
+    redo = "run select_ensemble.py again with --force (or set predict.experiments)"
+    if not isinstance(members, list) or not members:
+        raise ConfigError(f"{path} lists no members: {redo}")
+    try:
+        chosen = experiment_list({"exp": cfg["exp"], "predict": {"experiments": members}})
+    except (ConfigError, ValueError, TypeError) as e:
+        raise ConfigError(f"{path}: damaged member list ({e}); {redo}") from None
+    log.debug("blend of %s from %s: %s", cfg["exp"], path, chosen)
+    return chosen
+
+
 def dump_config(cfg: Mapping) -> str:
     return yaml.safe_dump(_plain(cfg), sort_keys=False, default_flow_style=None)
 

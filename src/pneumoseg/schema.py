@@ -315,6 +315,24 @@ def _fold_list(key: str, folds: Any, cfg: Mapping, allow_full: bool = False) -> 
         yield f"{key}: {folds!r} names a fold twice"
 
 
+def _select(s: Mapping, cfg: Mapping) -> Iterator[str]:
+    cands = s["candidates"]
+    if not isinstance(cands, list):
+        yield f"select.candidates: must be a list of experiment names, got {cands!r}"
+        return
+    for i, name in enumerate(cands):
+        if not isinstance(name, str) or not _EXP_RE.match(name):
+            yield f"select.candidates[{i}]: {name!r} is not an experiment name"
+    doubles = sorted({c for c in cands if isinstance(c, str) and cands.count(c) > 1})
+    if doubles:
+        yield (f"select.candidates: {', '.join(doubles)} listed twice (the selection adds a "
+               "member again by itself when a larger weight helps)")  # fmt: skip
+    if cfg["exp"] in cands:
+        yield (f"select.candidates: {cfg['exp']!r} is this config's own exp, where the selection "
+               "is written: give the selection config another exp")  # fmt: skip
+    yield from _num("select.max_steps", s["max_steps"], lo=1, hi=1000)
+
+
 def _predict(p: Mapping, cfg: Mapping) -> Iterator[str]:
     yield from _experiments(p["experiments"])
     yield from _fold_list("predict.folds", p["folds"], cfg, allow_full=True)
@@ -383,6 +401,7 @@ _SECTIONS: dict[str, Callable[[Any, Mapping], Iterator[str]]] = {
     "train": _train,
     "oof": _oof,
     "tune": _tune,
+    "select": _select,
     "predict": _predict,
     "serve": _serve,
 }

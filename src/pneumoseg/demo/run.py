@@ -55,6 +55,7 @@ class DemoResult:
     scores: dict[str, Any] | None = None  # the submission vs the test truth (score_submission)
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage, and "total"
     machine: str = ""  # what decides the float results on a CPU
+    report: str = ""  # the OOF report's headline (runs/<exp>/report/metrics.json), when written
 
     @property
     def ran(self) -> bool:
@@ -90,6 +91,10 @@ class DemoResult:
         lines.append("Out-of-fold mean Dice per fold (all-empty = predict nothing anywhere):")
         lines.append(self.oof.to_string(float_format=lambda v: f"{v:.4f}"))
         lines.append(f"Tuned post-processing ({shown(self.tuning)}): {self.tuned_setting()}")
+        if self.report and self.runs is not None:
+            lines.append(
+                f"OOF report ({shown(self.runs / 'report' / 'report.html')}): {self.report}"
+            )
         lines.append(
             f"Submission {shown(self.submission)} vs the synthetic test truth ({scores['n']} images): "
             f"mean Dice {scores['dice']:.4f} (all-empty baseline {self.empty_baseline:.4f}), "
@@ -122,8 +127,8 @@ def run_demo(
     Raises :class:`~pneumoseg.errors.UserError` (an output that is not the demo's, a failed
     stage: finished stages are kept and skipped by the next call).
     """
+    from pneumoseg.config import blend_members
     from pneumoseg.demo.outputs import check, demo_outputs, remove
-    from pneumoseg.schema import experiment_list
 
     if not (REPO / "src" / "demo.py").is_file():
         raise UserError(
@@ -131,7 +136,7 @@ def run_demo(
             ": install pneumoseg from its checkout (pip install -e .)"
         )
     with _stage_config(cfg) as (cfg, config):
-        members = experiment_list(cfg)
+        members = blend_members(cfg)
         planned = planned_set(n_train, n_test)
         outs = demo_outputs(cfg, REPO, [exp for exp, _ in members], planned)
         # Every output is checked to be the demo's before anything runs or goes (a config may
@@ -271,7 +276,23 @@ def _result(
         for name in table.index
     ]
     return DemoResult(mode, removed, root, runs, sub, oof=table, tuned=params, scores=scores,
-                      timings=timings, machine=machine())  # fmt: skip
+                      timings=timings, machine=machine(), report=_report_line(runs))  # fmt: skip
+
+
+def _report_line(runs: Path) -> str:
+    """The headline of the tuning's report (``report/metrics.json``), '' when there is none."""
+    import json
+
+    from pneumoseg.evaluation.cv_report import headline
+
+    path = runs / "report" / "metrics.json"
+    if not path.is_file():
+        return ""
+    try:
+        return headline(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s is damaged: re-run the tuning (oof_tune.py --force)", path)
+        return ""
 
 
 def machine() -> str:

@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pneumoseg.config import blend_members
 from pneumoseg.data.dataset import normalize  # the training normalisation, applied on the device
 from pneumoseg.errors import MissingFileError, ModelFileError
 from pneumoseg.models.families import family_for
 from pneumoseg.models.registry import build_model
-from pneumoseg.schema import experiment_list, parse_tta
+from pneumoseg.schema import parse_tta
 from pneumoseg.training.engine import autocast, load_torch, load_weights
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def load_models(cfg: Mapping[str, Any], device="cpu", channels_last: bool = True
     out_dir = Path(str(cfg["train"]["out_dir"]))
     folds = cfg["predict"].get("folds")
     members: list[Member] = []
-    for exp, weight in experiment_list(cfg):
+    for exp, weight in blend_members(cfg):
         exp_dir = out_dir / exp
         dirs = _fold_dirs(exp_dir, folds, int(cfg["folds"]["n_folds"]))
         for d in dirs:

@@ -34,8 +34,8 @@ def postprocess_params(cfg: Mapping[str, Any], members: Sequence | None = None) 
     maps, under the blend config's own ``exp``), or threshold 0.5 with a warning. A tuning made
     for other models or settings than ``members`` and ``cfg`` is refused
     (:func:`pneumoseg.tuning.provenance.check_source`)."""
+    from pneumoseg.config import blend_members
     from pneumoseg.errors import RunLockedError
-    from pneumoseg.inference.ensemble import experiment_list
     from pneumoseg.io import recover_together
     from pneumoseg.locks import exclusive, lock_file_for
     from pneumoseg.postprocessing.postprocess import load_params
@@ -51,7 +51,7 @@ def postprocess_params(cfg: Mapping[str, Any], members: Sequence | None = None) 
     if path.is_file():
         params = load_params(path)
         paths = [m.path for m in members or () if getattr(m, "path", None) is not None]
-        check_source(params, path, cfg, experiment_list(cfg), paths)
+        check_source(params, path, cfg, blend_members(cfg), paths)
         log.info("post-processing from %s: %s", path, {k: v for k, v in params.items()
                                                          if k != "source"})  # fmt: skip
         return params

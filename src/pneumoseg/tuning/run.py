@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pneumoseg.tuning.cv_report import write_cv_report
 from pneumoseg.tuning.outputs import TUNING_FILES, write_outputs
 from pneumoseg.tuning.report import compared_settings, describe, pooled_row, report_table
 from pneumoseg.tuning.sources import fold_sources, map_size, tuned_folds, tuning_plan
@@ -45,6 +46,9 @@ class TuneResult:
     table: pd.DataFrame
     grid: pd.DataFrame
     files: dict[str, Path]
+    report: dict[str, Path] = field(default_factory=dict)  # report/: plots, metrics.json, HTML
+    headline: str = ""  # the report's numbers in one paragraph
+    cv_dice_nested: float | None = None  # tuned on K-1 folds, scored on the held-out one
 
     @property
     def cv_dice(self) -> float:
@@ -123,9 +127,26 @@ def _tune_locked(cfg: dict, exp_dir: Path, force: bool, jobs: int | None) -> Tun
     params = tuned_params(cfg, found, chosen, size, folds, n_images, members, blend)
     title = f"{cfg['exp']}: OOF mean Dice, {n_images} images in folds {folds}"
     files = write_outputs(exp_dir, params, table, found.results, best, force=force, title=title)
+    nested = _nested(cfg, found.oofs, folds, scale, jobs)
+    # the report is derived from the set just written (rewritten by every tuning)
+    report, line = write_cv_report(cfg, exp_dir, found.oofs, folds, params, str(cfg["exp"]),
+                                   nested)  # fmt: skip
     return TuneResult(exp_dir=exp_dir, family=str(found.choice["family"]), params=params,
                       folds=folds, n_images=n_images, table=table, grid=found.results,
-                      files=files)  # fmt: skip
+                      files=files, report=report, headline=line, cv_dice_nested=nested)  # fmt: skip
+
+
+def _nested(cfg: Mapping, oofs: list, folds: list[int], scale: float,
+            jobs: int | None) -> float | None:  # fmt: skip
+    """The nested CV Dice of the tuning (tuned on K-1 folds, scored on the held-out one)."""
+    from pneumoseg.tuning.nested import nested_tuning
+
+    if len(folds) < 2:
+        return None
+    dice, rows = nested_tuning(oofs, folds, cfg["tune"], scale, jobs)
+    log.info("nested CV (tuned without the fold it scores): %.4f (%s)", dice,
+             ", ".join(f"fold{r['fold']} {r['dice']:.4f}" for r in rows))  # fmt: skip
+    return dice
 
 
 def search_variants(cfg: Mapping, members, variants: Sequence[tuple[dict, str]],

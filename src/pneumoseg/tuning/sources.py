@@ -40,9 +40,9 @@ def option_variants(cfg: Mapping) -> list[tuple[dict, str]]:
 def tuning_plan(cfg: Mapping) -> tuple[list[tuple[str, float]], bool, list[tuple[dict, str]]]:
     """The blend's members (experiment, weight), whether it is a blend of other experiments than
     ``exp``, and the option variants to search (only the maps as trained for a blend)."""
-    from pneumoseg.schema import experiment_list
+    from pneumoseg.config import blend_members
 
-    members = experiment_list(cfg)
+    members = blend_members(cfg)
     blend = [(e, w) for e, w in members] != [(cfg["exp"], 1.0)]
     variants = option_variants(cfg) if not blend else [({}, "")]
     if blend and cfg["tune"]["options"]:

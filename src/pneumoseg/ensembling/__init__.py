@@ -1,0 +1,1 @@
+"""Ensembling: choosing the blend of experiments on out-of-fold predictions."""
