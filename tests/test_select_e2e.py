@@ -4,6 +4,7 @@ that validates; and the selection's refusals."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -52,6 +53,21 @@ def test_select_then_predict_the_selection(two_experiments):
     assert [[e, round(w, 6)] for e, w in tuned["source"]["experiments"]] == doc["members"]
     cfg = load_config(DEMO, _over(root))
     assert [[e, round(w, 6)] for e, w in blend_members(cfg)] == doc["members"]
+    # the blend's report: plots and page, and the selection's own (honest) nested CV beside the
+    # tuning's, which keeps the chosen blend fixed
+    report = exp_dir / "report"
+    assert {p.name for p in report.iterdir()} >= {
+        "report.html",
+        "metrics.json",
+        "roc.png",
+        "pr.png",
+        "reliability.png",
+        "dice_by_size.png",
+    }
+    cv = json.loads((report / "metrics.json").read_text())["cv"]
+    key = "nested CV Dice of the selection (chosen and tuned without the fold scored)"
+    assert cv[key] == pytest.approx(doc["cv_dice_nested"], abs=1e-6)
+    assert key in (report / "report.html").read_text()
 
     # predict.py with the selection config predicts the selected ensemble
     code, out = run_cli("predict", "--config", DEMO, "--submission", "--quiet", *_over(root),

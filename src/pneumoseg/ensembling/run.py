@@ -60,7 +60,7 @@ def select_ensemble(cfg: dict, force: bool = False, jobs: int | None = None) -> 
             nested = nested_cv(cands, len(folds), tune_cfg, scale, True, steps, jobs)
             nested_singles = {n: nested_cv({n: cands[n]}, len(folds), tune_cfg, scale, False,
                                            steps, jobs).dice for n in names}  # fmt: skip
-        tuned = _tune_blend(cfg, selection, force)
+        tuned = _tune_blend(cfg, selection, force, nested)
         result = SelectResult(path, selection, singles, nested, nested_singles, tuned)
         _write(path, result, folds)
     return result
@@ -146,13 +146,20 @@ def check_compatible(out_root: Path, cands: Mapping[str, list], folds: list[int]
                         "the same oof.size, oof.hflip and cache.size")  # fmt: skip
 
 
-def _tune_blend(cfg: Mapping, selection: Selection, force: bool):
-    """The chosen blend's post-processing (``postprocess.yaml`` + report, with its source)."""
+def _tune_blend(cfg: Mapping, selection: Selection, force: bool, nested: Nested | None):
+    """The chosen blend's post-processing (``postprocess.yaml`` + report, with its source). The
+    report lists the selection's own CV and nested CV too: the tuning's nested CV keeps the blend
+    fixed, the selection's also chooses the blend without the fold it scores (the honest one)."""
     from pneumoseg.tuning.run import tune
 
     blend_cfg = copy.deepcopy(dict(cfg))
     blend_cfg["predict"]["experiments"] = selection.members
-    return tune(blend_cfg, force=force)
+    more = {"CV Dice of the selection (chosen and tuned on all folds)": selection.score}
+    if nested is not None:
+        more["nested CV Dice of the selection (chosen and tuned without the fold scored)"] = (
+            nested.dice
+        )
+    return tune(blend_cfg, force=force, report_cv=more)
 
 
 def _write(path: Path, result: SelectResult, folds: list[int]) -> None:

@@ -57,8 +57,11 @@ def patients_of(cfg: Mapping, ids: Sequence[str]) -> list[str] | None:
 
 def write_cv_report(cfg: Mapping, exp_dir: Path, oofs: Sequence, folds: Sequence[int],
                     params: Mapping, title: str,
-                    nested: float | None = None) -> tuple[dict[str, Path], str]:  # fmt: skip
-    """Write ``exp_dir/report/`` for the tuned ``params``; returns its files and headline."""
+                    nested: float | None = None,
+                    more_cv: Mapping[str, float] | None = None,
+                    ) -> tuple[dict[str, Path], str]:  # fmt: skip
+    """Write ``exp_dir/report/`` for the tuned ``params``; returns its files and headline.
+    ``more_cv``: further named CV numbers for the report's cross-validation table."""
     from pneumoseg.evaluation.cv_report import ReportData, compute_metrics, headline, write_report
     from pneumoseg.evaluation.detection import rank_score
     from pneumoseg.postprocessing.postprocess import area_scale_for
@@ -77,7 +80,7 @@ def write_cv_report(cfg: Mapping, exp_dir: Path, oofs: Sequence, folds: Sequence
         cv={k: v for k, v in (("CV Dice (mean over OOF images)", params.get("cv_dice")),
                               ("std over folds", params.get("cv_dice_std")),
                               ("nested CV Dice (tuned without the fold scored)", nested))
-            if v is not None},
+            if v is not None} | dict(more_cv or {}),
     )  # fmt: skip
     files = write_report(exp_dir / REPORT_DIR, data, title)
     line = headline(compute_metrics(data, title))

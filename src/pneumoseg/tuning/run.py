@@ -82,22 +82,25 @@ class _Found:
     options: dict
 
 
-def tune(cfg: dict, force: bool = False, jobs: int | None = None) -> TuneResult:
+def tune(cfg: dict, force: bool = False, jobs: int | None = None,
+         report_cv: Mapping[str, float] | None = None) -> TuneResult:  # fmt: skip
     """Tune the post-processing of ``cfg``'s experiment (or blend) on its OOF maps and write
     ``<train.out_dir>/<exp>/postprocess.yaml`` with its report.
 
     An existing ``postprocess.yaml`` with another setting is kept (:class:`OutputExistsError`)
     unless ``force``; ``jobs`` search threads (default all cores). One tuning of an experiment
-    at a time: another running one is refused (:class:`RunLockedError`).
+    at a time: another running one is refused (:class:`RunLockedError`). ``report_cv``: more
+    named CV numbers for the report's table (the selection's nested CV of a selected blend).
     """
     from pneumoseg.locks import exclusive, lock_file_for
 
     exp_dir = Path(cfg["train"]["out_dir"]) / cfg["exp"]
     with exclusive(lock_file_for(exp_dir / "postprocess.yaml"), f"the tuning of {exp_dir}"):
-        return _tune_locked(cfg, exp_dir, force, jobs)
+        return _tune_locked(cfg, exp_dir, force, jobs, report_cv or {})
 
 
-def _tune_locked(cfg: dict, exp_dir: Path, force: bool, jobs: int | None) -> TuneResult:
+def _tune_locked(cfg: dict, exp_dir: Path, force: bool, jobs: int | None,
+                 report_cv: Mapping[str, float]) -> TuneResult:  # fmt: skip
     from pneumoseg.io import recover_together, require_file_targets
     from pneumoseg.postprocessing.postprocess import area_scale_for, best_rows, row_params
 
@@ -130,7 +133,7 @@ def _tune_locked(cfg: dict, exp_dir: Path, force: bool, jobs: int | None) -> Tun
     nested = _nested(cfg, found.oofs, folds, scale, jobs)
     # the report is derived from the set just written (rewritten by every tuning)
     report, line = write_cv_report(cfg, exp_dir, found.oofs, folds, params, str(cfg["exp"]),
-                                   nested)  # fmt: skip
+                                   nested, report_cv)  # fmt: skip
     return TuneResult(exp_dir=exp_dir, family=str(found.choice["family"]), params=params,
                       folds=folds, n_images=n_images, table=table, grid=found.results,
                       files=files, report=report, headline=line, cv_dice_nested=nested)  # fmt: skip
