@@ -30,7 +30,7 @@ import argparse
 import logging
 import sys
 
-from pneumoseg.cli import config_from_args, make_parser, run, setup_logging
+from pneumoseg.cli import add_jobs, config_from_args, make_parser, run, setup_logging
 
 log = logging.getLogger("oof_tune")
 
@@ -38,7 +38,7 @@ log = logging.getLogger("oof_tune")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = make_parser(__doc__, "tune.folds=[0,1]")
     ap.add_argument("--force", action="store_true", help="overwrite a different postprocess.yaml")
-    ap.add_argument("--jobs", type=int, default=None, help="search threads (default: all cores)")
+    add_jobs(ap)
     return ap.parse_args(argv)
 
 

@@ -19,7 +19,7 @@ import argparse
 import logging
 import sys
 
-from pneumoseg.cli import config_from_args, make_parser, run, setup_logging
+from pneumoseg.cli import add_jobs, config_from_args, make_parser, run, setup_logging
 
 log = logging.getLogger("select_ensemble")
 
@@ -27,7 +27,7 @@ log = logging.getLogger("select_ensemble")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = make_parser(__doc__, "select.candidates=[demo,maskrcnn_demo]")
     ap.add_argument("--force", action="store_true", help="replace ensemble.yaml (and its tuning)")
-    ap.add_argument("--jobs", type=int, default=None, help="search threads (default: all cores)")
+    add_jobs(ap)
     return ap.parse_args(argv)
 
 

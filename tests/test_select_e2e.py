@@ -13,7 +13,7 @@ import yaml
 from pneumoseg.config import blend_members, load_config
 from pneumoseg.inference.submission import validate_submission
 
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, load_script, run_cli, tiny_overrides
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 GRIDS = ["tune.thresholds=[0.3, 0.5]", "tune.min_areas=[0, 4096]", "tune.top_thresholds=[0.6]",
@@ -117,3 +117,18 @@ def test_selection_refusals(two_experiments, tmp_path):
     (bad / "ensemble.yaml").write_text("members: [[sel_a, x]]\n")
     code, out = run_cli("predict", "--config", DEMO, "--submission", *_over(root, "sel_dmg"))
     assert code == 2 and "damaged member list" in out, out
+
+
+@pytest.mark.parametrize("script", ["select_ensemble", "oof_tune"])
+@pytest.mark.parametrize(
+    "value,message",
+    [("0", "0 threads: give 1..1024"), ("-3", "-3 threads"), ("1025", "1025 threads"),
+     ("two", "not a whole number: 'two'"), ("1.5", "not a whole number")],
+)  # fmt: skip
+def test_jobs_is_checked(script, value, message, capsys):
+    """``--jobs`` 0 or negative silently meant "all cores" or "one thread": refused now, by the
+    argument parser (usage and the reason, exit code 2) before any config is read."""
+    with pytest.raises(SystemExit) as e:
+        load_script(script).parse_args(["--config", DEMO, "--jobs", value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument --jobs: {message}" in err, err

@@ -115,6 +115,23 @@ def make_parser(doc: str | None, override_example: str) -> argparse.ArgumentPars
     return add_debug(ap)
 
 
+def add_jobs(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--jobs N``: threads of the post-processing search, 1..1024 (default: all cores). Checked
+    here: 0 or a negative number silently meant "all cores" or "one" further down."""
+
+    def jobs(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not 1 <= n <= 1024:
+            raise argparse.ArgumentTypeError(f"{n} threads: give 1..1024 (omit for all cores)")
+        return n
+
+    ap.add_argument("--jobs", type=jobs, default=None, help="search threads (default: all cores)")
+    return ap
+
+
 def config_from_args(args: argparse.Namespace) -> dict:
     """The resolved, validated config (raises ``ConfigError``, reported by :func:`run`)."""
     from pneumoseg.config import load_config
