@@ -39,6 +39,7 @@ _API = {
     "validate_submission": ("pneumoseg.inference.submission", "validate_submission"),
     "score_submission": ("pneumoseg.inference.submission", "score_submission"),
     "run_demo": ("pneumoseg.demo", "run_demo"),
+    "export_experiments": ("pneumoseg.inference.export", "export_experiments"),
 }
 
 __all__ = ["__version__", *_API]
