@@ -134,19 +134,23 @@ class Nested:
 def nested_cv(cands: Mapping[str, Sequence[Any]], n_folds: int, tune_cfg: Mapping, scale: float,
               select: bool = True, max_steps: int = 20, jobs: int | None = None) -> Nested:  # fmt: skip
     """Leave each fold out: select (when ``select``; else the blend of every candidate with
-    weight 1, i.e. tuning only) and tune on the other folds, score the held-out fold."""
-    from pneumoseg.tuning.nested import best_setting, held_out_score
+    weight 1, i.e. tuning only: :func:`pneumoseg.tuning.nested.nested_tuning` of that blend)
+    and tune on the other folds, score the held-out fold."""
+    from pneumoseg.tuning.nested import best_setting, held_out_score, nested_tuning
 
     if n_folds < 2:
         raise ValueError("nested_cv needs at least 2 folds")
+    if not select:
+        ones = dict.fromkeys(cands, 1)
+        maps = blend_folds(cands, ones, range(n_folds))
+        dice, rows = nested_tuning(maps, list(range(n_folds)), tune_cfg, scale, jobs)
+        members = Selection(ones, 0.0).members
+        return Nested(dice, [{**r, "members": members} for r in rows])
     rows, total, n_total = [], 0.0, 0
     for k in range(n_folds):
         inner = [j for j in range(n_folds) if j != k]
-        if select:
-            counts = greedy_select(list(cands), oof_scorer(cands, inner, tune_cfg, scale, jobs),
-                                   max_steps=max_steps).counts  # fmt: skip
-        else:
-            counts = dict.fromkeys(cands, 1)
+        counts = greedy_select(list(cands), oof_scorer(cands, inner, tune_cfg, scale, jobs),
+                               max_steps=max_steps).counts  # fmt: skip
         _, setting = best_setting(blend_folds(cands, counts, inner), tune_cfg, scale,
                                   [f"fold{j}" for j in inner], jobs)  # fmt: skip
         n, dice_sum = held_out_score(blend_folds(cands, counts, [k])[0], setting, scale,
