@@ -4,8 +4,8 @@
 
 Every fold model of each experiment the config predicts (``predict.experiments``, else the
 selection's ``ensemble.yaml``, else ``exp``) -> ``runs/<exp>/export/fold<k>.onnx`` and a
-``manifest.json`` (family, input, normalisation, TTA, post-processing, the SHA-256 of each source
-``model.pt``). An export is kept only if ONNX Runtime matches torch fp32 within max |Δp| 1e-4 on
+``manifest.json`` (family, input, normalisation, TTA, post-processing, a SHA-256 digest of
+each source ``model.pt``). An export is kept only if ONNX Runtime matches torch fp32 within max |Δp| 1e-4 on
 cached training images of the experiment. A family that cannot be exported is refused by name.
 Exit status: 0 ok; 2 a user error, with a message saying what to do.
 """

@@ -16,6 +16,7 @@ from pneumoseg.errors import ModelFileError
 from pneumoseg.inference import export as ex
 from pneumoseg.models.families import family_for
 from pneumoseg.models.registry import build_model
+from pneumoseg.tuning.provenance import file_digest
 
 from conftest import REPO, run_cli, tiny_overrides
 
@@ -108,7 +109,7 @@ def test_export_writes_checked_models_and_a_manifest(trained):
     assert manifest["tta"] == ["hflip"]
     for k, row in enumerate(manifest["folds"]):
         assert row["model"] == f"fold{k}/model.pt" and row["max_abs_dp"] <= 1e-4
-        assert row["model_sha256"] == ex.sha256(trained / "runs" / EXP / f"fold{k}" / "model.pt")
+        assert row["model_digest"] == file_digest(trained / "runs" / EXP / f"fold{k}" / "model.pt")
     # the exported graph on the experiment's own cache: what torch's ensemble member gives
     cfg = load_config(DEMO, _over(trained))
     member = ex._members_of(cfg, EXP)[0]

@@ -6,8 +6,9 @@
                      float32 images (N, C, H, W) in, probabilities (N, 1, H, W) out (and the
                      image-level probability (N, 1) with an aux head); opset 17, dynamic N, H, W
     manifest.json    family, input channels and size, normalisation, the experiment's TTA views
-                     and post-processing, and per fold the SHA-256 of the model.pt it was made
-                     from, of the .onnx, and the parity measured
+                     and post-processing, and per fold the digests (first 16 hex digits of
+                     SHA-256, as tunings record) of the model.pt it was made from and of the
+                     .onnx, and the parity measured
 
 An export is kept only if ONNX Runtime's probabilities on a batch of the experiment's own cached
 training images match torch fp32 within :data:`PARITY_TOL` (else it is an error and nothing is
@@ -22,7 +23,6 @@ use the exports yet.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from pneumoseg.errors import DataError, ModelFileError, OutputExistsError, UserError
+from pneumoseg.tuning.provenance import file_digest  # the model.pt digest tunings record too
 
 log = logging.getLogger("pneumoseg.export")
 
@@ -86,14 +87,6 @@ class ExportResult:
     @property
     def max_dp(self) -> float:
         return max(f["max_abs_dp"] for f in self.manifest["folds"])
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_experiments(cfg: Mapping[str, Any], force: bool = False) -> list[ExportResult]:
@@ -200,8 +193,8 @@ def _export_member(fam: Any, member: Any, x: torch.Tensor, tmp: Path, name: str)
         raise ExportError(f"{member.path}: the ONNX model differs from torch by max |Δp| {dp:.3g} "
                           f"> {PARITY_TOL:g} on {len(x)} cached images; not exported")  # fmt: skip
     model = f"{member.path.parent.name}/{member.path.name}"  # relative to runs/<exp>/
-    return {"file": name, "model": model, "model_sha256": sha256(member.path),
-            "onnx_sha256": sha256(tmp), "max_abs_dp": dp, "outputs": outputs}  # fmt: skip
+    return {"file": name, "model": model, "model_digest": file_digest(member.path),
+            "onnx_digest": file_digest(tmp), "max_abs_dp": dp, "outputs": outputs}  # fmt: skip
 
 
 def run_onnx(path: str | Path, x: np.ndarray, threads: int = 1) -> list[np.ndarray]:
@@ -264,16 +257,16 @@ def check_export(folder: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         rows = list(manifest["folds"])
-        pairs = [(folder / r["file"], r["onnx_sha256"], folder.parent / r["model"],
-                  r["model_sha256"]) for r in rows]  # fmt: skip
+        pairs = [(folder / r["file"], r["onnx_digest"], folder.parent / r["model"],
+                  r["model_digest"]) for r in rows]  # fmt: skip
     except (ValueError, KeyError, TypeError) as e:
         raise ExportError(f"{path} is damaged ({type(e).__name__}); export again "
                           "(src/export.py --force)") from None  # fmt: skip
     for onnx_file, onnx_sum, model, model_sum in pairs:
-        if not onnx_file.is_file() or sha256(onnx_file) != onnx_sum:
+        if not onnx_file.is_file() or file_digest(onnx_file) != onnx_sum:
             raise ExportError(f"{onnx_file} is missing or changed since it was exported; export "
                               "again (src/export.py --force)")  # fmt: skip
-        if not model.is_file() or sha256(model) != model_sum:
+        if not model.is_file() or file_digest(model) != model_sum:
             raise ExportError(f"{onnx_file} is stale: {model} changed since it was exported; "
                               "export again (src/export.py --force)")  # fmt: skip
     return manifest
