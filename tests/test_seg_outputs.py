@@ -193,3 +193,28 @@ def test_app_seg_download(tmp_path, real_dir):
     # the schema documents it
     schema = client.get("/openapi.json").json()["components"]["schemas"]["FileResult"]
     assert {"seg_dcm", "seg_note", "intake"} <= set(schema["properties"])
+
+
+@pytest.mark.parametrize(
+    "experiments,ensemble,recorded",
+    [
+        ([], None, "sel"),  # the experiment alone
+        ([["a", 0.25], ["b", 0.75]], None, "a:0.25+b:0.75"),  # predict.experiments
+        ([], [["a", 0.2], ["b", 0.8]], "a:0.2+b:0.8"),  # the selection's ensemble.yaml
+        ([["a", 1]], [["a", 0.2], ["b", 0.8]], "a:1"),  # predict.experiments wins
+    ],
+)  # fmt: skip
+def test_seg_records_the_blend_every_stage_predicts(tmp_path, experiments, ensemble, recorded):
+    """The SEG's algorithm names the models predicted by the one blend rule
+    (config.blend_members), a selected blend included."""
+    import yaml
+
+    from pneumoseg.config import load_config
+    from pneumoseg.inference.seg_outputs import algorithm_of
+
+    cfg = load_config(DEMO, ["exp=sel", f"train.out_dir={tmp_path}",
+                             f"predict.experiments={experiments}"])  # fmt: skip
+    if ensemble is not None:
+        (tmp_path / "sel").mkdir()
+        (tmp_path / "sel" / "ensemble.yaml").write_text(yaml.safe_dump({"members": ensemble}))
+    assert algorithm_of(cfg, {"method": "threshold", "threshold": 0.4}).experiment == recorded

@@ -49,11 +49,15 @@ def seg_path(out_dir: str | Path, image_id: str) -> Path:
 def algorithm_of(cfg: Mapping[str, Any], params: Mapping[str, Any]):
     """The :class:`~pneumoseg.inference.dicom_seg.SegAlgorithm` of this experiment: its name (or
     blend), folds, TTA views and tuned post-processing, as the SEG records them."""
+    from pneumoseg.config import blend_members
     from pneumoseg.inference.dicom_seg import SegAlgorithm
 
     pred = cfg["predict"]
-    blend = pred.get("experiments") or []
-    experiment = "+".join(f"{e}:{w:g}" for e, w in blend) if blend else str(cfg["exp"])
+    # the models predicted, by the rule every stage uses (predict.experiments, else the
+    # selection's ensemble.yaml, else exp): a selected blend is recorded by its members
+    blend = blend_members(cfg)
+    alone = blend == [(cfg["exp"], 1.0)]
+    experiment = str(cfg["exp"]) if alone else "+".join(f"{e}:{w:g}" for e, w in blend)
     folds = pred.get("folds")
     post = " ".join(f"{k}:{v}" for k, v in sorted(params.items()) if not isinstance(v, dict))
     return SegAlgorithm(
