@@ -8,7 +8,7 @@ CONFIG ?= configs/demo.yaml
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install lock test lint fast-test demo serve bench strip-notebooks check-notebooks clean-demo
+.PHONY: install lock test lint fast-test demo serve serve-venv serve-lock bench strip-notebooks check-notebooks clean-demo
 
 install: $(STAMP)
 
@@ -80,8 +80,44 @@ demo: install
 	$(PY) src/demo.py
 
 # The web app over the demo experiment (after `make demo`): http://127.0.0.1:8000/
+# The experiment is exported first when it has no up-to-date export (src/export.py --update), so
+# the app predicts with the fastest runtime that passed its checks on this CPU.
 serve: install
+	$(PY) src/export.py --config $(CONFIG) --update
 	$(PY) src/serve.py --config $(CONFIG)
+
+# The serving install: what serving an exported experiment needs, without the training stack
+# (requirements-serve.txt, pinned from the lock), in its own venv .venv-serve. Then e.g.
+#   .venv-serve/bin/python src/serve.py --config configs/demo.yaml predict.backend=onnxruntime
+SERVE_VENV ?= .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed-stamp
+
+serve-venv: $(SERVE_STAMP)
+
+$(SERVE_STAMP): requirements-serve.txt pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install --quiet -r requirements-serve.txt
+	$(SERVE_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	@touch $@
+
+# Regenerates requirements-serve.txt: requirements-serve.in resolved against the lock
+# (constraints.txt) in a fresh venv, `pip check`, then `pip freeze`; every pin is the lock's.
+serve-lock:
+	@set -eu; \
+	tmp=$$(mktemp -d "$${TMPDIR:-/tmp}/pneumoseg-serve-lock.XXXXXX"); \
+	trap 'rm -rf "$$tmp" requirements-serve.txt.tmp' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install --quiet -c constraints.txt -r requirements-serve.in; \
+	"$$tmp/venv/bin/python" -m pip check; \
+	{ \
+	  echo "# requirements-serve.txt: the serving install (make serve-venv), written by make serve-lock"; \
+	  echo "# from requirements-serve.in and the lock constraints.txt. No torch: it serves exports."; \
+	  "$$tmp/venv/bin/python" -m pip freeze --all --exclude pip --exclude setuptools; \
+	} > requirements-serve.txt.tmp; \
+	mv -f requirements-serve.txt.tmp requirements-serve.txt; \
+	echo "make serve-lock: wrote requirements-serve.txt ($$(grep -c '^[^#]' requirements-serve.txt) pins)"
 
 bench: install
 	$(PY) benchmarks/bench_rle.py

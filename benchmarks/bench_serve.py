@@ -1,6 +1,7 @@
 """The web app under concurrent clients: latency, throughput, errors and peak memory.
 
     python benchmarks/bench_serve.py [--duration 20] [--setups demo r34_512 r34_512_x5]
+                                     [--backends torch auto]
                                      [--images ../shared/data/siim-real/stage2_test]
 
 Each setup starts ``src/serve.py`` on a free 127.0.0.1 port (its own process, default limits:
@@ -12,8 +13,12 @@ each, every client uploading the real SIIM DICOMs (1024², JPEG) one request at 
 
 Setups, all with hflip TTA: ``demo`` (the demo experiment: 3 ResNet18 U-Nets at 128 px; needs
 ``make demo`` first), ``r34_512`` (one ResNet34 U-Net at 512 px, untrained weights: the timing is
-the same) and ``r34_512_x5`` (five of them, a 5-fold ensemble). Printed per load: requests, 200s,
-503s, other statuses, p50/p95 latency of the 200s, images/s, and the server's peak RSS (VmHWM).
+the same) and ``r34_512_x5`` (five of them, a 5-fold ensemble). Each setup is served once per
+``--backends`` entry (``predict.backend``: torch, auto, onnxruntime, openvino); before a non-torch
+one the experiment is exported (a copy of the demo's runs; the r34 models checked and timed on
+four of the real DICOMs) and the ``backend`` column is what the server's ``/health`` says runs.
+Printed per load: requests, 200s, 503s, other statuses, p50/p95 latency of the 200s, images/s,
+and the server's peak RSS (VmHWM).
 
 ``--hostile`` instead sends single hostile requests (issue 14, item 7), each to a fresh
 ``r34_512`` server with the default limits, and prints the status, the time and the server's peak
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -188,6 +194,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per load")
     ap.add_argument("--setups", nargs="+", default=["demo", "r34_512", "r34_512_x5"])
+    ap.add_argument("--backends", nargs="+", default=["torch", "auto"],
+                    choices=["torch", "auto", "onnxruntime", "openvino"])  # fmt: skip
     ap.add_argument("--images", type=Path,
                     default=REPO.parent / "shared" / "data" / "siim-real" / "stage2_test")  # fmt: skip
     ap.add_argument("--hostile", action="store_true", help="the hostile requests instead")
@@ -199,31 +207,71 @@ def main() -> None:
           f"torch {torch.__version__}, {len(images)} real DICOMs")  # fmt: skip
     if args.hostile:
         return run_hostile(args.images)
-    print(f"{'setup':12} {'load':8} {'clients':>7} {'requests':>8} {'200':>5} {'503':>5} "
-          f"{'other':>5} {'p50 s':>7} {'p95 s':>7} {'img/s':>6} {'peak RSS MB':>11}")  # fmt: skip
+    print(f"{'setup':12} {'backend':17} {'load':8} {'clients':>7} {'requests':>8} {'200':>5} "
+          f"{'503':>5} {'other':>5} {'p50 s':>7} {'p95 s':>7} {'img/s':>6} "
+          f"{'peak RSS MB':>11}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for setup in args.setups:
-            if setup == "demo":
-                if not list((REPO / "runs" / "demo").glob("fold*/model.pt")):
-                    print("demo: no runs/demo models (run `make demo` first): skipped")
-                    continue
-                argv = ["--config", "configs/demo.yaml"]
-            else:
-                folds = 5 if setup.endswith("_x5") else 1
-                argv = untrained_experiment(Path(tmp) / setup, folds)
-            proc, url = start_server(argv)
-            try:
-                h = httpx.get(f"{url}/health").json()
-                cap = h["concurrency"] + h["queue"]
-                for name, clients in (("at cap", cap), ("3x cap", 3 * cap)):
-                    r = load(url, images, clients, args.duration)
-                    print(f"{setup:12} {name:8} {r['clients']:>7} {r['requests']:>8} "
-                          f"{r['200']:>5} {r['503']:>5} {r['other']:>5} {r['p50_s']:>7.2f} "
-                          f"{r['p95_s']:>7.2f} {r['img_per_s']:>6.2f} "
-                          f"{peak_rss_mb(proc.pid):>11.0f}", flush=True)  # fmt: skip
-            finally:
-                proc.send_signal(signal.SIGINT)
-                proc.wait(timeout=60)
+            argv = setup_argv(setup, Path(tmp), args)
+            if argv is None:
+                continue
+            for backend in args.backends:
+                serve_one(setup, [*argv, f"predict.backend={backend}"], images, args.duration)
+
+
+def setup_argv(setup: str, tmp: Path, args) -> list[str] | None:
+    """The serve.py arguments of a setup, its models exported when a backend needs them."""
+    exported = any(b != "torch" for b in args.backends)
+    if setup == "demo":
+        if not list((REPO / "runs" / "demo").glob("fold*/model.pt")):
+            print("demo: no runs/demo models (run `make demo` first): skipped")
+            return None
+        argv = ["--config", "configs/demo.yaml"]
+        if exported:  # a copy: the user's runs/demo/export is not touched
+            runs = tmp / "demo_runs"
+            shutil.copytree(REPO / "runs" / "demo", runs / "demo",
+                            ignore=shutil.ignore_patterns("export", "*.lock"))  # fmt: skip
+            argv.append(f"train.out_dir={runs}")
+    else:
+        folds = 5 if setup.endswith("_x5") else 1
+        argv = untrained_experiment(tmp / setup, folds)
+    if exported:
+        from pneumoseg.inference.export import export_experiments
+
+        cfg = load_config(REPO / argv[1], argv[2:])
+        images = None if setup == "demo" else real_images(args.images, 4, 512)
+        export_experiments(cfg, force=True, images=images)
+    return argv
+
+
+def real_images(folder: Path, n: int, size: int):
+    """``n`` real DICOMs of ``folder`` decoded and resized to ``size``: uint8 (n, size, size)."""
+    import numpy as np
+
+    from pneumoseg.data.intake import read_image
+    from pneumoseg.data.resize import resize_image
+
+    files = sorted(folder.glob("*.dcm"))[:n]
+    if len(files) < n:
+        raise SystemExit(f"{folder}: {len(files)} DICOM(s), {n} needed")
+    return np.stack([resize_image(read_image(f), size) for f in files])
+
+
+def serve_one(setup: str, argv: list[str], images: list[bytes], duration: float) -> None:
+    proc, url = start_server(argv)
+    try:
+        h = httpx.get(f"{url}/health").json()
+        backend = f"{h['backend']} {h['precision']}"
+        cap = h["concurrency"] + h["queue"]
+        for name, clients in (("at cap", cap), ("3x cap", 3 * cap)):
+            r = load(url, images, clients, duration)
+            print(f"{setup:12} {backend:17} {name:8} {r['clients']:>7} {r['requests']:>8} "
+                  f"{r['200']:>5} {r['503']:>5} {r['other']:>5} {r['p50_s']:>7.2f} "
+                  f"{r['p95_s']:>7.2f} {r['img_per_s']:>6.2f} "
+                  f"{peak_rss_mb(proc.pid):>11.0f}", flush=True)  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
 
 
 if __name__ == "__main__":

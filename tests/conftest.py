@@ -149,7 +149,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_serve(*argv: str):
+def start_serve(*argv: str, python: str | None = None):
     """``src/serve.py *argv`` on a free 127.0.0.1 port: ``(process, url)`` once ``/health``
     reports a loaded model; fails the test with the server's output otherwise. Stop it with
     :func:`stop_serve`."""
@@ -161,7 +161,7 @@ def start_serve(*argv: str):
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "src" / "serve.py"), *argv, "--port", str(port)],
+        [python or sys.executable, str(REPO / "src" / "serve.py"), *argv, "--port", str(port)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

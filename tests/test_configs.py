@@ -56,6 +56,7 @@ def test_base_choice_comments_match_the_registries():
         "train.optimizer": schema.OPTIMIZERS, "train.scheduler": schema.SCHEDULERS,
         "train.amp": schema.AMP_MODES, "train.select": schema.SELECT_METRICS,
         "predict.amp": schema.AMP_MODES, "predict.rle": schema.RLE_FORMATS,
+        "predict.backend": schema.BACKENDS, "predict.precision": schema.PRECISIONS,
     }  # fmt: skip
     comments = _choice_comments()
     for key, names in registries.items():
@@ -68,6 +69,6 @@ def test_base_choice_comments_match_the_registries():
 
 
 def test_choice_comment_parser_reads_the_forms_used():
-    assert len(_choice_comments()) == 12
+    assert len(_choice_comments()) == 14
     assert _choice_comments()["data.layout"] == ["siim", "png"]
     assert _choice_comments()["train.select"] == ["dice", "dice_gated", "val_loss"]

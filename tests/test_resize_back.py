@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from pneumoseg.inference.backends import TorchEngine
 from pneumoseg.inference.ensemble import Member, resize_to_original
 from pneumoseg.inference.predictor import Predictor
 
@@ -77,8 +78,9 @@ def _predictor(size=64):
     """A Predictor over one brightness model, without a run folder (probs_of needs only these)."""
     pred = Predictor.__new__(Predictor)
     member = Member(_Brightness().eval(), 1.0, {"arch": "unet", "in_channels": 1})
-    pred.members, pred.tta, pred.size = [member], [], size
-    pred.device, pred.dtype = torch.device("cpu"), None
+    engine = TorchEngine.__new__(TorchEngine)
+    engine.members, engine.device, engine.dtype = [member], torch.device("cpu"), None
+    pred.engine, pred.tta, pred.size = engine, [], size
     return pred
 
 

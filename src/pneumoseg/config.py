@@ -89,6 +89,7 @@ NULL_DEFAULT_TYPES: dict[str, str] = {
     "tune.folds": "folds",
     "tune.options": "mapping",
     "predict.folds": "folds",
+    "predict.threads": "int",
     "serve.concurrency": "int",
     "serve.queue": "int",
 }

@@ -42,6 +42,11 @@ def read_yaml(path: Path, allow_empty: bool = False) -> dict:
     return data
 
 
+# augment keys that bound the geometric transform instead of being a probability (the schema reads
+# them without albumentations, which a serving install does not have)
+AUGMENT_LIMITS = ("shift", "scale", "rotate")
+
+
 # Keys with a non-null default that also take null, and what null means there.
 NULLABLE: dict[str, str] = {
     "data.original_size": "image sizes are not checked",

@@ -24,6 +24,9 @@ SCHEDULERS = ("cosine", "poly", "plateau", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 LAYOUTS = ("siim", "png")
 RLE_FORMATS = ("relative", "absolute")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")  # predict.backend
+PRECISIONS = ("auto", "fp32", "bf16", "int8")  # predict.precision
+MAX_THREADS = 1024
 # Size bounds (pixels, images), checked at load so that a typo fails in a second, not after a fold
 # of training when the allocation fails (oof.size=100000 asked for 480 GB). Each leaves every
 # recipe in configs/ valid with room to spare.
@@ -121,12 +124,17 @@ def _folds(f: Mapping, cfg: Mapping) -> Iterator[str]:
 
 
 def _model(m: Mapping, cfg: Mapping) -> Iterator[str]:
-    from pneumoseg.models.families import archs, family_for
+    import importlib.util
 
-    yield from _choice("model.arch", m["arch"], archs())
-    if m["arch"] in archs():
-        yield from family_for(m).check({**m, "input_size": cfg["cache"]["size"]})
-        yield from family_for(m).foreign(m)
+    # The families are torch modules. A serving install has no torch and builds no model from
+    # this section (it runs exports, whose manifests describe their models): nothing to check.
+    if importlib.util.find_spec("torch") is not None:
+        from pneumoseg.models.families import archs, family_for
+
+        yield from _choice("model.arch", m["arch"], archs())
+        if m["arch"] in archs():
+            yield from family_for(m).check({**m, "input_size": cfg["cache"]["size"]})
+            yield from family_for(m).foreign(m)
     if m["in_channels"] not in (1, 3):
         yield f"model.in_channels: must be 1 (grey) or 3 (grey replicated), got {m['in_channels']}"
     dec = m["decoder_channels"]
@@ -159,7 +167,7 @@ def _sampler(s: Mapping, cfg: Mapping) -> Iterator[str]:
 
 
 def _augment(a: Mapping, cfg: Mapping) -> Iterator[str]:
-    from pneumoseg.data.transforms import LIMITS
+    from pneumoseg.defaults import AUGMENT_LIMITS as LIMITS
 
     for section in ("augment", "augment_neg"):
         values = cfg[section]
@@ -348,6 +356,25 @@ def _predict(p: Mapping, cfg: Mapping) -> Iterator[str]:
                f"(train.device={cfg['train']['device']}); use bf16 or none")  # fmt: skip
     yield from _choice("predict.rle", p["rle"], RLE_FORMATS)
     yield from _text("predict.out_dir", p["out_dir"])
+    yield from _runtime(p)
+
+
+def _runtime(p: Mapping) -> Iterator[str]:
+    """``predict.backend``, ``predict.precision``, ``predict.threads`` and the pairs that cannot
+    run anywhere (what this CPU can run is checked when the predictor loads)."""
+    yield from _choice("predict.backend", p["backend"], BACKENDS)
+    yield from _choice("predict.precision", p["precision"], PRECISIONS)
+    threads = p["threads"]
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or not 1 <= threads <= MAX_THREADS):  # fmt: skip
+        yield (f"predict.threads: must be a whole number from 1 to {MAX_THREADS} (or null: every "
+               f"core), got {threads!r}")  # fmt: skip
+    if p["backend"] == "torch" and p["precision"] == "int8":
+        yield ("predict.precision: int8 runs on exported models only: set predict.backend to "
+               "onnxruntime, openvino or auto (after python src/export.py)")  # fmt: skip
+    if p["backend"] == "onnxruntime" and p["precision"] == "bf16":
+        yield ("predict.precision: ONNX Runtime has no bf16 kernels for these models on CPUs: "
+               "use predict.backend openvino (or torch) for bf16")  # fmt: skip
 
 
 def _experiments(items: Any) -> Iterator[str]:

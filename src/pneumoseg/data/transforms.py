@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import albumentations as A
 import cv2
 
+from pneumoseg.defaults import AUGMENT_LIMITS as LIMITS  # the schema reads them too
 from pneumoseg.errors import UnknownNameError
 
 # Name -> builder(probability, limits). Geometric transforms first, photometric ones after: the
@@ -33,7 +34,6 @@ TRANSFORMS = {
     "clahe": lambda p, k: A.CLAHE(clip_limit=2.0, p=p),
     "noise": lambda p, k: A.GaussNoise(std_range=(0.01, 0.05), p=p),
 }
-LIMITS = ("shift", "scale", "rotate")
 
 
 def build_transforms(augment: Mapping, train: bool = True) -> A.Compose:

@@ -15,12 +15,19 @@ batches.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 CLASS_NAMES = ("background", "pneumothorax")
+
+
+def _is_tensor(x) -> bool:
+    """A torch tensor, asked without importing torch: the serving install has none, and a tensor
+    exists only where torch is already imported."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _as_batch(x):
@@ -42,7 +49,9 @@ def _check_pair(pred, truth):
 def _areas(pred, truth):
     """Per-image |P∩T|, |P|, |T| as int64 (numpy) or float64 (torch) vectors of length N."""
     pred, truth = _check_pair(pred, truth)
-    if isinstance(pred, torch.Tensor):
+    if _is_tensor(pred):
+        import torch
+
         p = (pred != 0).flatten(1)
         t = (truth != 0).flatten(1)
         inter = (p & t).sum(1, dtype=torch.float64)
@@ -55,7 +64,9 @@ def _areas(pred, truth):
 
 def dice_from_areas(inter, pred_area, truth_area):
     """Competition Dice from per-image areas (vectorised; empty/empty = 1)."""
-    if isinstance(inter, torch.Tensor):
+    if _is_tensor(inter):
+        import torch
+
         denom = pred_area + truth_area
         return torch.where(denom > 0, 2 * inter / denom.clamp(min=1), torch.ones_like(denom))
     inter = np.asarray(inter, dtype=np.float64)

@@ -34,6 +34,8 @@ from torch import nn
 from pneumoseg.config import blend_members
 from pneumoseg.data.dataset import normalize  # the training normalisation, applied on the device
 from pneumoseg.errors import MissingFileError, ModelFileError
+from pneumoseg.inference.runtime import CPU_FORWARD, view_plan
+from pneumoseg.inference.runtime import flips as tta_flips
 from pneumoseg.models.families import family_for
 from pneumoseg.models.registry import build_model
 from pneumoseg.schema import parse_tta
@@ -41,8 +43,6 @@ from pneumoseg.training.engine import autocast, load_torch, load_weights
 
 log = logging.getLogger(__name__)
 
-STRIDE = 32  # smp encoders need sides divisible by 32
-CPU_FORWARD = 4  # images per forward pass on CPU (the fastest on a 2-core box at 256²)
 _FOLD_RE = re.compile(r"^fold(\d+)$")
 
 
@@ -216,32 +216,6 @@ def load_models(cfg: Mapping[str, Any], device="cpu", channels_last: bool = True
     return members
 
 
-def _flips(hflip: bool, vflip: bool) -> list[tuple[int, ...]]:
-    dims = [()]
-    if hflip:
-        dims.append((-1,))
-    if vflip:
-        dims.append((-2,))
-    if hflip and vflip:
-        dims.append((-2, -1))
-    return dims
-
-
-def _ceil(n: int, k: int = STRIDE) -> int:
-    return -(-n // k) * k
-
-
-def _view_plan(size: tuple[int, int], scales: list[float]) -> dict[tuple[int, int], list]:
-    """``{canvas (H, W): [(scale, (h, w) scaled size), ...]}``: views grouped by padded size."""
-    h, w = size
-    plan: dict[tuple[int, int], list] = {}
-    for s in [1.0, *scales]:
-        sh, sw = (h, w) if s == 1.0 else (max(1, round(h * s)), max(1, round(w * s)))
-        canvas = (_ceil(max(h, sh)), _ceil(max(w, sw)))
-        plan.setdefault(canvas, []).append((s, (sh, sw)))
-    return plan
-
-
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
@@ -277,8 +251,8 @@ def predict_probs(
     x8 = _image_batch(images, device)
     n, h, w = x8.shape
     hflip, vflip, scales = parse_tta(tta)
-    flips = _flips(hflip, vflip)
-    plan = _view_plan((h, w), scales)
+    flips = tta_flips(hflip, vflip)
+    plan = view_plan((h, w), scales)
     n_views = len(flips) * (1 + len(scales))
     if max_forward is None:
         max_forward = CPU_FORWARD if device.type == "cpu" else 0

@@ -34,15 +34,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from pneumoseg.errors import DataError, ModelFileError, OutputExistsError, UserError
+from pneumoseg.errors import DataError, ModelFileError, OutputExistsError
+from pneumoseg.inference import export_checks as checks
+from pneumoseg.inference.exported import (  # noqa: F401 - the reading side, re-exported
+    EXPORT_DIR,
+    MANIFEST,
+    PARITY_TOL,
+    ExportError,
+    check_export,
+    check_int8,
+)
 from pneumoseg.tuning.provenance import file_digest  # the model.pt digest tunings record too
 
 log = logging.getLogger("pneumoseg.export")
 
-EXPORT_DIR = "export"
-MANIFEST = "manifest.json"
 OPSET = 17
-PARITY_TOL = 1e-4  # max |Δp| against torch fp32 on the check images
 N_CHECK = 4  # cached training images the parity is measured on
 # Families whose probability map is not one traceable graph, and why (the name is the error).
 NOT_EXPORTABLE = {
@@ -52,10 +58,6 @@ NOT_EXPORTABLE = {
         "the torch backend"
     ),
 }
-
-
-class ExportError(UserError):
-    """An export that cannot be made, or an existing one that cannot be used."""
 
 
 class _ProbsNet(nn.Module):
@@ -89,28 +91,43 @@ class ExportResult:
         return max(f["max_abs_dp"] for f in self.manifest["folds"])
 
 
-def export_experiments(cfg: Mapping[str, Any], force: bool = False) -> list[ExportResult]:
+def export_experiments(
+    cfg: Mapping[str, Any],
+    force: bool = False,
+    update: bool = False,
+    images: np.ndarray | None = None,
+) -> list[ExportResult]:
     """Export every fold model of each experiment ``cfg`` predicts (``predict.experiments``,
     else ``ensemble.yaml``, else ``exp``) to ``runs/<exp>/export/``. An existing export is kept
-    (:class:`OutputExistsError`) unless ``force``; everything is checked before anything is
-    written."""
+    (:class:`OutputExistsError`) unless ``force``; with ``update`` an up-to-date one is kept and a
+    stale or damaged one made again. Everything is checked before anything is written.
+    ``images``: uint8 (N, S, S) images at ``cache.size`` to check, calibrate and time on instead
+    of the experiment's cached training images (e.g. a benchmark's real X-rays)."""
     from pneumoseg.config import blend_members
 
     out_dir = Path(str(cfg["train"]["out_dir"]))
     plans = []
     for exp, _ in blend_members(cfg):
         folder = out_dir / exp / EXPORT_DIR
-        if folder.exists() and not force:
-            raise OutputExistsError(f"{folder} exists; pass --force to export {exp} again")
         if folder.exists() and not folder.is_dir():
             raise OutputExistsError(f"{folder} is a file: move it away (nothing was written)")
+        if folder.exists() and update:
+            try:
+                check_export(folder)
+                log.info("%s: the export in %s is up to date", exp, folder)
+                continue
+            except ExportError as e:
+                log.warning("%s: exporting again: %s", exp, e)
+        elif folder.exists() and not force:
+            raise OutputExistsError(f"{folder} exists; pass --force to export {exp} again "
+                                    "(or --update: only if it is stale)")  # fmt: skip
         plans.append((exp, folder))
     from pneumoseg.locks import exclusive, lock_file_for
 
     results = []
     for exp, folder in plans:  # one export of an experiment at a time: temp names would collide
         with exclusive(lock_file_for(folder), f"the export of {exp} ({folder})"):
-            results.append(_export_one(cfg, exp, folder))
+            results.append(_export_one(cfg, exp, folder, images))
     return results
 
 
@@ -125,11 +142,10 @@ def _members_of(cfg: Mapping[str, Any], exp: str) -> list:
     return load_models(one, device="cpu", channels_last=False)
 
 
-def _check_images(cfg: Mapping[str, Any], in_channels: int) -> torch.Tensor:
-    """:data:`N_CHECK` of the experiment's cached training images, normalised as in training
-    (positives first: a check on empty-looking maps alone would prove little)."""
+def _cached_images(cfg: Mapping[str, Any], n: int) -> np.ndarray:
+    """Up to ``n`` of the experiment's cached training images, uint8 (N, S, S), positives first
+    (a check on empty-looking maps alone would prove little)."""
     from pneumoseg.data.cache import cache_dir, open_cache
-    from pneumoseg.data.dataset import normalize
 
     cache = open_cache(cache_dir(cfg, "train"), allow_failed=True)
     ok = np.flatnonzero(cache.ok)
@@ -137,11 +153,21 @@ def _check_images(cfg: Mapping[str, Any], in_channels: int) -> torch.Tensor:
         raise DataError(f"{cache_dir(cfg, 'train')}: no usable cached image to check the export on")
     has = cache.manifest["has_mask"].to_numpy(bool)[ok] if "has_mask" in cache.manifest else None
     order = ok if has is None else np.concatenate([ok[has], ok[~has]])
-    rows = np.sort(order[:N_CHECK])
-    return normalize(np.asarray(cache.images[rows]), in_channels)
+    rows = order[:n]
+    return np.asarray(cache.images[np.sort(rows)])[np.argsort(np.argsort(rows))]
 
 
-def _export_one(cfg: Mapping[str, Any], exp: str, folder: Path) -> ExportResult:
+def _check_images(cfg: Mapping[str, Any], in_channels: int) -> torch.Tensor:
+    """:data:`N_CHECK` cached training images (positives first), normalised as in training."""
+    from pneumoseg.data.dataset import normalize
+
+    return normalize(_cached_images(cfg, N_CHECK), in_channels)
+
+
+def _export_one(
+    cfg: Mapping[str, Any], exp: str, folder: Path, images: np.ndarray | None = None
+) -> ExportResult:
+    from pneumoseg.data.dataset import normalize
     from pneumoseg.models.families import family_for
 
     members = _members_of(cfg, exp)
@@ -150,25 +176,89 @@ def _export_one(cfg: Mapping[str, Any], exp: str, folder: Path) -> ExportResult:
         raise ExportError(f"{exp}: the {fam.name} family cannot be exported: "
                           f"{NOT_EXPORTABLE[fam.name]}")  # fmt: skip
     in_ch = int(members[0].cfg.get("in_channels", 3))
-    x = _check_images(cfg, in_ch)
+    if images is None:
+        images = _cached_images(cfg, checks.N_AGREE + checks.N_CALIB)
     folder.mkdir(parents=True, exist_ok=True)
-    temps, rows = [], []
+    stems = [m.path.parent.name for m in members]
+    fp32 = [(folder / f".{k}.tmp.onnx", folder / f"{k}.onnx") for k in stems]
+    int8 = [(folder / f".{k}.int8.tmp.onnx", folder / f"{k}.int8.onnx") for k in stems]
     try:
-        for m in members:
-            name = f"{m.path.parent.name}.onnx"
-            tmp = folder / f".{name}.tmp"
-            temps.append((tmp, folder / name))
-            rows.append(_export_member(fam, m, x, tmp, name))
-        manifest = _manifest(cfg, exp, fam.name, in_ch, rows)
-        for tmp, final in temps:
+        x = normalize(images[:N_CHECK], in_ch)
+        rows = [_export_member(fam, m, x, tmp, final.name)
+                for m, (tmp, final) in zip(members, fp32, strict=True)]  # fmt: skip
+        record = _int8(fp32, int8, images, in_ch)
+        runtimes = _check_runtimes(cfg, exp, members, fp32, int8 if record["made"] else [],
+                                   images[: checks.N_AGREE], in_ch)  # fmt: skip
+        record["passed"] = any(r["passed"] for r in runtimes["measured"]
+                               if r["precision"] == "int8" and r["runtime"] != "torch")  # fmt: skip
+        keep = [*fp32, *(int8 if record["passed"] else [])]
+        manifest = {**_manifest(cfg, exp, fam.name, in_ch, rows), "runtimes": runtimes,
+                    "int8": _int8_rows(record, int8, stems)}  # fmt: skip
+        for tmp, final in keep:
             tmp.replace(final)
+        for _, final in int8 if not record["passed"] else []:
+            final.unlink(missing_ok=True)  # an int8 of an earlier export that no longer holds
         _write_manifest(folder / MANIFEST, manifest)
     finally:
-        for tmp, _ in temps:
+        for tmp, _ in [*fp32, *int8]:
             tmp.unlink(missing_ok=True)
-    log.info("exported %s: %d fold model(s) to %s, max |Δp| %.2g", exp, len(rows), folder,
-             max(r["max_abs_dp"] for r in rows))  # fmt: skip
-    return ExportResult(exp, folder, manifest, [final for _, final in temps])
+    log.info("exported %s: %d fold model(s) to %s, max |Δp| %.2g; int8 %s", exp, len(rows),
+             folder, max(r["max_abs_dp"] for r in rows),
+             "kept" if record["passed"] else f"not kept ({record['why']})")  # fmt: skip
+    return ExportResult(exp, folder, manifest, [final for _, final in keep])
+
+
+def _int8(fp32: list, int8: list, images: np.ndarray, in_ch: int) -> dict:
+    """Quantize every fold model to int8, calibrated on the cached images after the check
+    images (all of them when the cache is smaller). A failure is recorded, not raised: int8 is
+    an option, fp32 is the export."""
+    from pneumoseg.data.dataset import normalize
+
+    calib = images[checks.N_AGREE :] if len(images) > checks.N_AGREE else images
+    x = normalize(calib, in_ch).numpy()
+    try:
+        for (src, _), (dst, _) in zip(fp32, int8, strict=True):
+            checks.quantize_int8(src, dst, x)
+    except Exception as e:
+        log.warning("int8 quantization failed (%s): exported in fp32 only", type(e).__name__)
+        return {"made": False, "why": f"quantization failed ({type(e).__name__})",
+                "calibration_images": len(calib)}  # fmt: skip
+    return {"made": True, "why": "its masks disagree with fp32 (see runtimes)",
+            "calibration_images": len(calib)}  # fmt: skip
+
+
+def _int8_rows(record: dict, int8: list, stems: list[str]) -> dict:
+    out = {"passed": record["passed"], "min_dice": checks.MIN_DICE,
+           "calibration_images": record["calibration_images"],
+           "method": "onnxruntime static quantization, QDQ, per-channel int8 weights, uint8 "
+                     "activations, MinMax"}  # fmt: skip
+    if not record["passed"]:
+        out["why"] = record["why"]
+        return out
+    out["folds"] = [{"file": final.name, "onnx_digest": file_digest(tmp)}
+                    for (tmp, final), _ in zip(int8, stems, strict=True)]  # fmt: skip
+    return out
+
+
+def _check_runtimes(cfg, exp, members, fp32, int8, images, in_ch) -> dict:
+    """Time and compare every runtime × precision on this CPU (:mod:`.export_checks`)."""
+    from pneumoseg.postprocessing.postprocess import load_params, pixel_threshold
+
+    post = Path(str(cfg["train"]["out_dir"])) / exp / "postprocess.yaml"
+    threshold = pixel_threshold(load_params(post)) if post.is_file() else 0.5
+    tta = list(cfg["predict"].get("tta") or [])
+    threads = cfg["predict"].get("threads")
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        rows, ref = checks.torch_rows(members, images, tta, cfg["predict"]["amp"], threshold)
+        files = {"fp32": [t for t, _ in fp32], "int8": [t for t, _ in int8]}
+        weights = [m.weight for m in members]
+        return checks.check_runtimes(files, weights, in_ch, images, tta, threshold, rows, ref,
+                                     threads)  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
 
 
 def _export_member(fam: Any, member: Any, x: torch.Tensor, tmp: Path, name: str) -> dict:
@@ -245,28 +335,3 @@ def _write_manifest(path: Path, manifest: dict) -> None:
 
     with atomic_write(path, "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=1)
-
-
-def check_export(folder: str | Path) -> dict:
-    """The manifest of an export folder, after checking that every ``.onnx`` and every source
-    ``model.pt`` still has the checksum it was exported with; a typed error otherwise."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{folder}: no {MANIFEST}; export with src/export.py")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        rows = list(manifest["folds"])
-        pairs = [(folder / r["file"], r["onnx_digest"], folder.parent / r["model"],
-                  r["model_digest"]) for r in rows]  # fmt: skip
-    except (ValueError, KeyError, TypeError) as e:
-        raise ExportError(f"{path} is damaged ({type(e).__name__}); export again "
-                          "(src/export.py --force)") from None  # fmt: skip
-    for onnx_file, onnx_sum, model, model_sum in pairs:
-        if not onnx_file.is_file() or file_digest(onnx_file) != onnx_sum:
-            raise ExportError(f"{onnx_file} is missing or changed since it was exported; export "
-                              "again (src/export.py --force)")  # fmt: skip
-        if not model.is_file() or file_digest(model) != model_sum:
-            raise ExportError(f"{onnx_file} is stale: {model} changed since it was exported; "
-                              "export again (src/export.py --force)")  # fmt: skip
-    return manifest

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from pneumoseg.errors import ConfigError
+from pneumoseg.schema import parse_tta
 from pneumoseg.tuning import TUNING_FILES
 
 log = logging.getLogger("pneumoseg.predict")
@@ -29,10 +31,15 @@ def postprocess_path(cfg: Mapping[str, Any]) -> Path:
     return Path(str(cfg["train"]["out_dir"])) / str(cfg["exp"]) / "postprocess.yaml"
 
 
-def postprocess_params(cfg: Mapping[str, Any], members: Sequence | None = None) -> dict:
+def postprocess_params(
+    cfg: Mapping[str, Any],
+    members: Sequence | None = None,
+    digests: Mapping[str, str] | None = None,
+) -> dict:
     """The post-processing ``oof_tune.py`` tuned for this config (for a blend: on the blend's OOF
     maps, under the blend config's own ``exp``), or threshold 0.5 with a warning. A tuning made
-    for other models or settings than ``members`` and ``cfg`` is refused
+    for other models or settings than ``members`` (their ``model.pt``; or ``digests``, the
+    ``model.pt`` digests an export was made from) and ``cfg`` is refused
     (:func:`pneumoseg.tuning.provenance.check_source`)."""
     from pneumoseg.config import blend_members
     from pneumoseg.errors import RunLockedError
@@ -50,8 +57,9 @@ def postprocess_params(cfg: Mapping[str, Any], members: Sequence | None = None) 
             recover_together(path.parent, "tuning", TUNING_FILES)
     if path.is_file():
         params = load_params(path)
-        paths = [m.path for m in members or () if getattr(m, "path", None) is not None]
-        check_source(params, path, cfg, blend_members(cfg), paths)
+        paths = [getattr(m, "path", m) for m in members or ()]
+        paths = [p for p in paths if isinstance(p, Path)]
+        check_source(params, path, cfg, blend_members(cfg), paths, digests)
         log.info("post-processing from %s: %s", path, {k: v for k, v in params.items()
                                                          if k != "source"})  # fmt: skip
         return params
@@ -77,38 +85,63 @@ def apply_model_options(members, options: Mapping[str, float]) -> None:
 
 
 class Predictor:
-    """The ensemble plus everything needed to turn images into probabilities, masks and RLEs."""
+    """The ensemble plus everything needed to turn images into probabilities, masks and RLEs.
+
+    The models run in an engine (:mod:`.backends`: torch, or an export in ONNX Runtime or
+    OpenVINO, as ``predict.backend`` / ``predict.precision`` resolve on this machine); the rest
+    (resizing, TTA plan, post-processing, RLE) is the same whichever runs."""
 
     def __init__(self, cfg: dict, relative: bool = True):
-        from pneumoseg.inference.ensemble import load_models, parse_tta
-        from pneumoseg.training import engine
+        from pneumoseg.inference.backends import make_engine
 
         self.cfg = cfg
         self.size = int(cfg["cache"]["size"])
-        self.device = engine.get_device(cfg["train"]["device"])
-        self.dtype = engine.inference_dtype(self.device, cfg["predict"]["amp"])
         self.tta = list(cfg["predict"]["tta"] or [])
         parse_tta(self.tta)  # fail on a bad view before loading anything
-        self.members = load_models(cfg, self.device)
-        self.params = postprocess_params(cfg, self.members)
-        apply_model_options(self.members, self.params.get("model_options") or {})
+        self.engine = make_engine(cfg)
+        self.params = postprocess_params(cfg, self.engine.model_paths(), self.engine.digests)
+        options = self.params.get("model_options") or {}
+        if self.engine.backend == "torch":
+            apply_model_options(self.engine.members, options)
+        elif options:
+            raise ConfigError(f"{postprocess_path(cfg)} sets model options {sorted(options)} that "
+                              "exported models cannot take; predict with predict.backend torch")  # fmt: skip
         self.relative = relative
         self.batch_size = max(1, int(cfg["predict"]["batch_size"]))
         log.info(
-            "%d model(s), TTA %s, batch %d, device %s",
+            "%d model(s), TTA %s, batch %d, %s %s on %s",
             len(self.members),
             self.tta or "none",
             self.batch_size,
+            self.backend,
+            self.precision,
             self.device,
         )
 
+    # what the engine runs, for logs, /health and callers that inspect the ensemble
+    @property
+    def members(self) -> list:
+        return self.engine.members
+
+    @property
+    def device(self):
+        return self.engine.device
+
+    @property
+    def backend(self) -> str:
+        return self.engine.backend
+
+    @property
+    def precision(self) -> str:
+        return self.engine.precision
+
+    @property
+    def threads(self) -> int | None:
+        return self.engine.threads
+
     def probs(self, images, sizes):
         """uint8 (N, S, S) -> (list of float32 probabilities at ``sizes``, cls (N,) or None)."""
-        from pneumoseg.inference.ensemble import predict_probs, resize_to_original
-
-        p, cls = predict_probs(self.members, images, self.tta, self.device, self.dtype)
-        full = resize_to_original(p, sizes)
-        return full, (None if cls is None else cls.float().cpu().numpy())
+        return self.engine.probs(images, sizes, self.tta)
 
     def probs_of(self, originals: Sequence[np.ndarray]):
         """Images at their own sizes (uint8 2-D) -> probabilities at those sizes, cls or None:

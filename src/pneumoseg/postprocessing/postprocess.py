@@ -261,6 +261,14 @@ def save_params(params: Mapping[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
+def pixel_threshold(params: Mapping[str, Any]) -> float:
+    """The pixel threshold of a post-processing (the triplet's bottom threshold; 0.5 when it has
+    none): where the page's slider starts, and where exported models' masks are compared."""
+    t = params.get("threshold") if params.get("method") == "threshold" else None
+    t = params.get("bottom_threshold") if t is None else t
+    return float(0.5 if t is None else t)
+
+
 def load_params(path: str | Path) -> dict:
     """Read and validate a ``postprocess.yaml``."""
     path = Path(path)

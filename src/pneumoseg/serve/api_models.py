@@ -67,6 +67,10 @@ HEALTH_EXAMPLE = {
     "folds": None,
     "tta": ["hflip"],
     "device": "cpu",
+    "backend": "openvino",
+    "precision": "int8",
+    "threads": 2,
+    "runtime_reason": "fastest that passed at export on this CPU (0.0042 s/image)",
     "input_size": 128,
     "postprocess": {
         "method": "triplet",
@@ -215,6 +219,10 @@ class HealthAnswer(_Exact):
     )
     tta: list[str] = Field(description="test-time augmentation views")
     device: str | None
+    backend: str | None = Field(description="what runs the models: torch, onnxruntime, openvino")
+    precision: str | None = Field(description="fp32, bf16, fp16 or int8")
+    threads: int | None = Field(description="threads per forward pass (null: every core)")
+    runtime_reason: str | None = Field(description="why this backend and precision")
     input_size: int = Field(description="the side the model sees (`cache.size`)")
     postprocess: dict[str, Any] | None = Field(description="the tuned post-processing")
     concurrency: int = Field(description="forward passes at once")

@@ -28,6 +28,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -47,6 +48,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from pneumoseg.errors import UserError
+from pneumoseg.postprocessing.postprocess import pixel_threshold
 from pneumoseg.safe_text import safe_id
 from pneumoseg.serve.api_models import (
     FAILURE_EXAMPLE,
@@ -277,9 +279,7 @@ class Service:
                 )
                 log.error("no model loaded: %s", e)
         sc = cfg["serve"]
-        device = getattr(self.predictor, "device", None)
-        auto = 1 if device is None or getattr(device, "type", "cpu") == "cpu" else 2
-        conc = int(sc["concurrency"] or auto)
+        conc = int(sc["concurrency"] or auto_concurrency(self.predictor, cfg["predict"]["threads"]))
         queue = int(sc["queue"] if sc["queue"] is not None else 2 * conc)
         self.gate = Gate(conc, queue)
         self.concurrency, self.queue = conc, queue
@@ -297,6 +297,10 @@ class Service:
             "folds": self.cfg["predict"]["folds"],  # null: every fold model of the experiment
             "tta": list(self.cfg["predict"]["tta"] or []),
             "device": None if p is None else str(p.device),
+            "backend": getattr(p, "backend", None),
+            "precision": getattr(p, "precision", None),
+            "threads": self.cfg["predict"]["threads"],
+            "runtime_reason": getattr(getattr(p, "engine", None), "reason", None),
             "input_size": int(self.cfg["cache"]["size"]),
             "postprocess": None if p is None else dict(p.params),  # validated: plain values
             "concurrency": self.concurrency,
@@ -357,7 +361,7 @@ class Service:
         image_prob = float(prob.max()) if cls is None else cls
         res = {
             "kind": d.kind,
-            "threshold": _threshold_of(self.predictor.params),
+            "threshold": pixel_threshold(self.predictor.params),
             "height": int(d.image.shape[0]),
             "width": int(d.image.shape[1]),
             "probability": round(image_prob, 6),
@@ -406,12 +410,15 @@ class Service:
             return {"seg_dcm": base64.b64encode(path.read_bytes()).decode("ascii")}
 
 
-def _threshold_of(params: Mapping[str, Any]) -> float:
-    """The pixel threshold of the tuned post-processing (the triplet's bottom threshold): where
-    the page's threshold slider starts."""
-    t = params.get("threshold") if params.get("method") == "threshold" else None
-    t = params.get("bottom_threshold") if t is None else t
-    return float(0.5 if t is None else t)
+def auto_concurrency(predictor, threads: int | None) -> int:
+    """Forward passes at once when ``serve.concurrency`` is null: on a CPU, as many as the cores
+    hold at ``predict.threads`` each (1 when each pass takes every core); 2 on a GPU."""
+    device = getattr(predictor, "device", None)
+    if device is not None and getattr(device, "type", str(device)) != "cpu":
+        return 2
+    if not threads:
+        return 1
+    return max(1, (os.cpu_count() or 1) // int(threads))
 
 
 def _png_b64(arr: np.ndarray) -> str:

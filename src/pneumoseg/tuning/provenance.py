@@ -72,7 +72,7 @@ def _settings(cfg: Mapping) -> dict:
 
 
 def differences(source: Mapping, cfg: Mapping, members: list[tuple[str, float]],
-                model_paths: Iterable[Path]) -> list[str]:  # fmt: skip
+                model_paths: Iterable[Path], digests: Mapping[str, str] | None = None) -> list[str]:  # fmt: skip
     """What differs between a tuning's ``source`` and the config + model files about to use it."""
     diffs = []
     tuned = [(str(e), float(w)) for e, w in source.get("experiments") or []]
@@ -91,6 +91,10 @@ def differences(source: Mapping, cfg: Mapping, members: list[tuple[str, float]],
         key = model_key(path)
         if key in recorded and file_digest(path) != recorded[key]:
             diffs.append(f"{path} was retrained (or replaced) after the tuning")
+    for key, digest in (digests or {}).items():
+        if key in recorded and digest != recorded[key]:
+            diffs.append(f"the export of {key} was made from another model.pt than the tuning "
+                         "used (retrained after the tuning)")  # fmt: skip
     return diffs
 
 
@@ -99,8 +103,10 @@ def _blend(members: list[tuple[str, float]]) -> str:
 
 
 def check_source(params: Mapping, path: Path, cfg: Mapping, members: list[tuple[str, float]],
-                 model_paths: Iterable[Path]) -> None:  # fmt: skip
-    """Refuse to apply the tuning ``params`` (read from ``path``) to other models or settings."""
+                 model_paths: Iterable[Path], digests: Mapping[str, str] | None = None) -> None:  # fmt: skip
+    """Refuse to apply the tuning ``params`` (read from ``path``) to other models or settings.
+    ``digests``: ``{"<exp>/<fold>": digest}`` of models known by digest only (an export records
+    the digest of the ``model.pt`` it was made from)."""
     source = params.get("source")
     if not isinstance(source, Mapping):
         log.warning(
@@ -108,7 +114,7 @@ def check_source(params: Mapping, path: Path, cfg: Mapping, members: list[tuple[
             "for these models and settings; %s", path, RETUNE,
         )  # fmt: skip
         return
-    diffs = differences(source, cfg, members, model_paths)
+    diffs = differences(source, cfg, members, model_paths, digests)
     if diffs:
         raise StaleTuningError(
             f"{path} was tuned for other models or settings, so its thresholds would be applied "

@@ -1,0 +1,395 @@
+"""predict.backend / predict.precision / predict.threads (issue 18): the same Predictor through
+torch, ONNX Runtime and OpenVINO, the automatic choice, and every way a runtime is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumoseg.inference import cpu
+from pneumoseg.inference import export_checks as checks
+
+from conftest import REPO, run_cli, tiny_overrides
+
+DEMO = str(REPO / "configs" / "demo.yaml")
+EXP = "exp_backends"
+
+
+@pytest.fixture(scope="module")
+def world(tiny_data, tmp_path_factory) -> Path:
+    """A trained tiny experiment (2 folds) with a tuning, exported; its own copy of the data's
+    runs folder so other modules' experiments do not mix in."""
+    over = _over(tiny_data)
+    for fold in ("0", "1"):
+        code, out = run_cli("train", "--config", DEMO, "--fold", fold, "--quiet", *over)
+        assert code == 0, out
+    code, out = run_cli("oof_tune", "--config", DEMO, *over)
+    assert code == 0, out
+    _set_threshold_in_a_gap(tiny_data)
+    code, out = run_cli("export", "--config", DEMO, "--force", *over)
+    assert code == 0, out
+    return tiny_data
+
+
+def _set_threshold_in_a_gap(root: Path) -> None:
+    """The tuned post-processing, with its threshold moved to the widest gap between the torch
+    fp32 probabilities of the test images (no component filter): masks with positives on most
+    images, and no pixel within the gap's half-width of the threshold, so the rows of runtimes
+    that agree within that margin must be identical and differ only where they do not."""
+    from pneumoseg.config import load_config
+    from pneumoseg.data.cache import cache_dir, open_cache
+    from pneumoseg.inference.predictor import Predictor, postprocess_path
+    from pneumoseg.postprocessing.postprocess import load_params, save_params
+
+    cfg = load_config(DEMO, _over(root, "predict.backend=torch", "predict.precision=fp32"))
+    images = np.asarray(open_cache(cache_dir(cfg, "test")).images)
+    probs, _ = Predictor(cfg).probs(images, [im.shape for im in images])
+    p = np.unique(np.concatenate([x.ravel() for x in probs]))
+    lo, hi = np.searchsorted(p, np.quantile(p, [0.5, 0.95]))
+    k = lo + int(np.argmax(np.diff(p[lo:hi])))
+    gap = float(p[k + 1] - p[k])
+    assert gap > 2e-5, gap  # twice the margin the runtimes must agree within (they do by ~1e-6)
+    path = postprocess_path(cfg)
+    params = {**load_params(path), "method": "threshold", "threshold": float(p[k] + gap / 2),
+              "min_area": 0, "cls_threshold": None}  # fmt: skip
+    save_params(params, path)
+
+
+def _over(root: Path, *extra: str) -> list[str]:
+    return [*tiny_overrides(root), f"exp={EXP}", "train.epochs=1", "train.top_k=1",
+            f"predict.out_dir={root / 'subs'}", *extra]  # fmt: skip
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / "runs" / EXP / "export" / "manifest.json").read_text())
+
+
+def _submission(root: Path, name: str, *extra: str) -> tuple[list[str], str]:
+    code, out = run_cli("predict", "--config", DEMO, "--submission", *_over(root, *extra),
+                        f"predict.out_dir={root / 'subs' / name}")  # fmt: skip
+    assert code == 0, out
+    return (root / "subs" / name / f"{EXP}.csv").read_text().splitlines(), out
+
+
+def test_fp32_rows_identical_across_backends(world):
+    torch_rows, out = _submission(world, "torch", "predict.backend=torch", "predict.precision=fp32")
+    assert "runtime: torch fp32" in out
+    assert len(torch_rows) == 7 and any(r.split(",")[1] not in ("", "-1") for r in torch_rows[1:])
+    for backend in ("onnxruntime", "openvino"):
+        rows, out = _submission(world, backend, f"predict.backend={backend}",
+                                "predict.precision=fp32")  # fmt: skip
+        assert f"runtime: {backend} fp32" in out
+        assert rows == torch_rows, backend
+
+
+def test_real_dicom_agrees_across_backends(world, real_dir):
+    """A real 1024² DICOM through each backend: probabilities within 1e-4 of torch fp32, and the
+    masks differ only at pixels that close to the threshold (a million resized pixels: some
+    land within 1e-6 of it)."""
+    from pneumoseg.config import load_config
+    from pneumoseg.data.intake import read_image
+    from pneumoseg.inference.predictor import Predictor
+
+    image = read_image(sorted((real_dir / "stage2_test").glob("ID_*.dcm"))[0])
+    got = {}
+    for backend in ("torch", "onnxruntime", "openvino"):
+        cfg = load_config(
+            DEMO, _over(world, f"predict.backend={backend}", "predict.precision=fp32")
+        )
+        pred = Predictor(cfg)
+        (prob,), _ = pred.probs_of([image])
+        got[backend] = (prob, pred.finish(prob, None)[0], pred.params["threshold"])
+    ref, ref_mask, t = got["torch"]
+    assert ref.shape == image.shape and 0 < ref_mask.sum() < ref_mask.size
+    for backend in ("onnxruntime", "openvino"):
+        prob, mask, _ = got[backend]
+        assert np.abs(prob - ref).max() <= 1e-4
+        assert np.all(np.abs(ref[mask != ref_mask] - t) <= 1e-4)
+
+
+def test_manifest_records_this_cpus_runtimes(world):
+    runtimes = _manifest(world)["runtimes"]
+    assert runtimes["cpu_key"] == cpu.cpu_key() and runtimes["cpu"] == cpu.describe()
+    measured = {(r["runtime"], r["precision"]): r for r in runtimes["measured"]}
+    assert ("torch", "fp32") in measured and ("onnxruntime", "fp32") in measured
+    assert ("openvino", "fp32") in measured
+    assert (("openvino", "bf16") in measured) == cpu.native_bf16()
+    for (runtime, precision), row in measured.items():
+        if runtime != "torch" and precision == "fp32":
+            assert row["passed"] == (row["max_abs_dp"] <= 1e-4) and row["passed"], row
+        if precision in ("bf16", "int8"):
+            assert row["passed"] == (row["dice"] >= checks.MIN_DICE), row
+    int8 = _manifest(world)["int8"]
+    int8_rows = [r for (rt, p), r in measured.items() if p == "int8"]
+    assert int8["passed"] == any(r["passed"] for r in int8_rows)
+    files = {p.name for p in (world / "runs" / EXP / "export").iterdir()}
+    assert ("fold0.int8.onnx" in files) == int8["passed"]
+
+
+def test_auto_picks_the_fastest_that_passed(world):
+    measured = _manifest(world)["runtimes"]["measured"]
+    ok = [r for r in measured if r["passed"] and r.get("layout") != "NCHW"]
+    best = min(ok, key=lambda r: r["s_per_image"])
+    _, out = _submission(world, "auto")
+    assert f"runtime: {best['runtime']} {best['precision']}" in out, out
+
+
+def test_auto_on_another_kind_of_cpu_uses_onnxruntime_fp32(world, monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_key", lambda: "another-cpu")
+    _, out = _submission(world, "other_cpu")
+    assert "runtime: onnxruntime fp32" in out and "no runtime measured" in out
+
+
+def test_bf16_refused_on_a_cpu_without_it(world, monkeypatch):
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
+    for backend in ("openvino", "torch"):
+        code, out = run_cli("predict", "--config", DEMO, "--submission",
+                            *_over(world, f"predict.backend={backend}", "predict.precision=bf16"))  # fmt: skip
+        assert code == 2 and "needs a CPU with native bf16" in out, out
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("predict.backend=tensorrt", "predict.backend: unknown value 'tensorrt'; valid: auto, torch"),
+        ("predict.precision=int4", "predict.precision: unknown value 'int4'"),
+        ("predict.threads=0", "predict.threads: must be a whole number from 1 to 1024"),
+        ("predict.threads=1025", "predict.threads: must be a whole number"),
+        ("predict.threads=1.5", "'predict.threads' must be int or null, got float 1.5"),
+        ("predict.threads=two", "'predict.threads' must be int or null, got str 'two'"),
+        ("predict.threads=true", "'predict.threads' must be int or null, got bool True"),
+        ("predict.threads=-2", "predict.threads: must be a whole number"),
+        ("predict.backend=torch predict.precision=int8", "int8 runs on exported models only"),
+        ("predict.backend=onnxruntime predict.precision=bf16", "ONNX Runtime has no bf16"),
+    ],
+)  # fmt: skip
+def test_bad_runtime_options_are_config_errors(tmp_path, override, message):
+    code, out = run_cli("predict", "--config", DEMO, "--submission",
+                        f"train.out_dir={tmp_path}", *override.split())  # fmt: skip
+    assert code == 2 and message in out, out
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def copy_world(world, tmp_path) -> Path:
+    """The trained experiment's runs copied, so a test can damage them."""
+    shutil.copytree(world / "runs" / EXP, tmp_path / "runs" / EXP)
+    return tmp_path
+
+
+def _over_copy(world: Path, copy: Path, *extra: str) -> list[str]:
+    return [*_over(world), f"train.out_dir={copy / 'runs'}", f"predict.out_dir={copy / 'subs'}",
+            *extra]  # fmt: skip
+
+
+def test_stale_export_is_refused_or_skipped(world, copy_world):
+    model = copy_world / "runs" / EXP / "fold1" / "model.pt"
+    shutil.copy(copy_world / "runs" / EXP / "fold0" / "model.pt", model)  # "retrained"
+    code, out = run_cli("predict", "--config", DEMO, "--submission",
+                        *_over_copy(world, copy_world, "predict.backend=onnxruntime"))  # fmt: skip
+    assert code == 2 and "is stale" in out and "fold1/model.pt changed" in out, out
+    # auto: a warning and torch (whose tuning check then names the retrained model)
+    code, out = run_cli("predict", "--config", DEMO, "--submission",
+                        *_over_copy(world, copy_world))  # fmt: skip
+    assert "not using the export of exp_backends" in out and "is stale" in out
+    assert code == 2 and "was retrained (or replaced) after the tuning" in out
+
+
+def test_export_without_model_files_serves(world, copy_world):
+    """A serving copy of runs/ with the exports and the tuning but no model.pt."""
+    for pt in (copy_world / "runs" / EXP).glob("fold*/*.pt"):
+        pt.unlink()
+    code, out = run_cli("predict", "--config", DEMO, "--submission",
+                        *_over_copy(world, copy_world, "predict.backend=onnxruntime",
+                                    "predict.precision=fp32"))  # fmt: skip
+    assert code == 0, out
+    torch_rows, _ = _submission(
+        world, "torch_ref", "predict.backend=torch", "predict.precision=fp32"
+    )
+    assert (copy_world / "subs" / f"{EXP}.csv").read_text().splitlines() == torch_rows
+
+
+def test_corrupt_onnx_with_a_forged_digest_is_a_clean_error(world, copy_world):
+    from pneumoseg.tuning.provenance import file_digest
+
+    folder = copy_world / "runs" / EXP / "export"
+    onnx = folder / "fold0.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:1000])  # truncated
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["folds"][0]["onnx_digest"] = file_digest(onnx)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for backend in ("onnxruntime", "openvino"):
+        code, out = run_cli("predict", "--config", DEMO, "--submission",
+                            *_over_copy(world, copy_world, f"predict.backend={backend}"))  # fmt: skip
+        assert code == 2 and "cannot load it" in out and "Traceback" not in out, out
+
+
+def test_int8_that_fails_its_check_is_not_kept(world, copy_world, monkeypatch):
+    monkeypatch.setattr(checks, "MIN_DICE", 1.01)  # no int8 can agree this well
+    over = _over_copy(world, copy_world)
+    code, out = run_cli("export", "--config", DEMO, "--force", *over)
+    assert code == 0, out
+    manifest = json.loads((copy_world / "runs" / EXP / "export" / "manifest.json").read_text())
+    assert manifest["int8"]["passed"] is False
+    assert not list((copy_world / "runs" / EXP / "export").glob("*.int8.onnx"))
+    code, out = run_cli("predict", "--config", DEMO, "--submission",
+                        *over, "predict.backend=openvino", "predict.precision=int8")  # fmt: skip
+    assert code == 2 and "no int8 model passed its check at export" in out, out
+    code, out = run_cli("predict", "--config", DEMO, "--submission", *over)
+    assert code == 0 and "int8" not in out.split("runtime:")[1].splitlines()[0], out
+
+
+def test_int8_kept_runs_on_both_runtimes(world, copy_world, monkeypatch):
+    monkeypatch.setattr(checks, "MIN_DICE", 0.0)  # keep it whatever it gives, to run it
+    over = _over_copy(world, copy_world)
+    code, out = run_cli("export", "--config", DEMO, "--force", *over)
+    assert code == 0, out
+    manifest = json.loads((copy_world / "runs" / EXP / "export" / "manifest.json").read_text())
+    assert manifest["int8"]["passed"] is True and len(manifest["int8"]["folds"]) == 2
+    for backend in ("onnxruntime", "openvino"):
+        code, out = run_cli("predict", "--config", DEMO, "--submission", *over,
+                            f"predict.backend={backend}", "predict.precision=int8",
+                            f"predict.out_dir={copy_world / backend}")  # fmt: skip
+        assert code == 0 and f"runtime: {backend} int8" in out, out
+        rows = (copy_world / backend / f"{EXP}.csv").read_text().splitlines()
+        assert len(rows) == 7
+
+
+def test_update_keeps_an_up_to_date_export_and_redoes_a_stale_one(world, copy_world):
+    folder = copy_world / "runs" / EXP / "export"
+    over = _over_copy(world, copy_world)
+    before = (folder / "manifest.json").stat().st_mtime_ns
+    code, out = run_cli("export", "--config", DEMO, "--update", *over)
+    assert code == 0 and "is up to date" in out
+    assert (folder / "manifest.json").stat().st_mtime_ns == before
+    shutil.copy(copy_world / "runs" / EXP / "fold0" / "model.pt",
+                copy_world / "runs" / EXP / "fold1" / "model.pt")  # fmt: skip
+    code, out = run_cli("export", "--config", DEMO, "--update", *over)
+    assert code == 0 and "exporting again" in out
+    from pneumoseg.inference.exported import check_export
+
+    check_export(folder)  # up to date with the new model.pt
+    with pytest.raises(SystemExit) as e:  # argparse: --update and --force together
+        run_cli("export", "--config", DEMO, "--update", "--force", *over)
+    assert e.value.code == 2
+
+
+def test_threads_reach_the_runtime_and_health(world):
+    from fastapi.testclient import TestClient
+
+    from pneumoseg.config import load_config
+    from pneumoseg.serve.app import create_app
+
+    cfg = load_config(DEMO, _over(world, "predict.backend=onnxruntime", "predict.precision=fp32",
+                                  "predict.threads=1"))  # fmt: skip
+    app = create_app(cfg)
+    with TestClient(app) as client:
+        health = client.get("/health").json()
+    assert health["backend"] == "onnxruntime" and health["precision"] == "fp32"
+    assert health["threads"] == 1 and health["runtime_reason"] == "predict.backend: onnxruntime"
+    import os
+
+    assert health["concurrency"] == max(1, os.cpu_count() or 1)
+    session = app.state.service.predictor.engine.members[0].session.session
+    assert session.get_session_options().intra_op_num_threads == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# serving without the training stack
+# --------------------------------------------------------------------------------------------------
+NO_TORCH = """
+import json, sys
+sys.modules["torch"] = None  # any import of torch from here on fails loudly: this is a torch-free install
+from pneumoseg.config import load_config
+from pneumoseg.data.intake import read_image
+from pneumoseg.inference.predictor import Predictor
+from pneumoseg.serve.app import create_app
+cfg = load_config(sys.argv[1], sys.argv[3:])
+pred = Predictor(cfg)
+(prob,), cls = pred.probs_of([read_image(sys.argv[2])])
+create_app(cfg, pred)
+print(json.dumps({"rle": pred.finish(prob, cls)[1], "torch": sys.modules["torch"] is not None,
+                  "backend": pred.backend}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "auto"])
+def test_exported_predictor_imports_no_torch(world, real_dir, backend):
+    """A fresh process that loads the config, predicts a real DICOM with an exported backend and
+    builds the web app, with torch made unimportable: nothing tries to import it (the RLE is the
+    one the exported models give in this process, checked in the serving-install test)."""
+    import subprocess
+    import sys
+
+    dcm = sorted((real_dir / "stage2_test").glob("ID_*.dcm"))[0]
+    over = _over(
+        world,
+        f"predict.backend={backend}",
+        *(["predict.precision=fp32"] if backend != "auto" else []),
+    )
+    res = subprocess.run([sys.executable, "-c", NO_TORCH, DEMO, str(dcm), *over], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["torch"] is False and got["backend"] != "torch", got
+
+
+def test_serving_install_without_torch_answers_a_real_dicom(world, real_dir):
+    """The serving install (requirements-serve.txt in its own venv, which .ci/run makes and names
+    in PNEUMOSEG_SERVE_PYTHON) has no torch, and its web app answers /api/predict on a real DICOM
+    with what the full install's exported predictor gives."""
+    import os
+    import subprocess
+
+    import httpx
+
+    from conftest import start_serve, stop_serve
+
+    py = os.environ.get("PNEUMOSEG_SERVE_PYTHON")
+    if not py:
+        pytest.skip("no serving install: .ci/run makes one (PNEUMOSEG_SERVE_PYTHON)")
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
+    assert subprocess.run([py, "-c", probe], check=False).returncode == 0, "torch is installed"
+    dcm = sorted((real_dir / "stage2_test").glob("ID_*.dcm"))[0]
+    over = _over(world, "predict.backend=onnxruntime", "predict.precision=fp32")
+    proc, url = start_serve("--config", DEMO, *over, python=py)
+    try:
+        r = httpx.post(f"{url}/api/predict", timeout=120,
+                       files=[("files", ("x.dcm", dcm.read_bytes(), "application/dicom"))])  # fmt: skip
+        health = httpx.get(f"{url}/health", timeout=10).json()
+    finally:
+        log = stop_serve(proc)
+    assert r.status_code == 200, (r.text, log)
+    result = r.json()["results"][0]
+    assert health["backend"] == "onnxruntime" and result["kind"] == "dicom"
+    from pneumoseg.config import load_config
+    from pneumoseg.data.intake import read_image
+    from pneumoseg.inference.predictor import Predictor
+
+    pred = Predictor(load_config(DEMO, over))
+    (prob,), cls = pred.probs_of([read_image(dcm)])
+    assert result["rle"] == pred.finish(prob, cls)[1]
+
+
+def _pins(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep, f"{path.name}: {line!r} is not pinned with =="
+            out[name.lower().replace("_", "-")] = version
+    return out
+
+
+def test_serving_requirements_are_the_locks_pins_without_torch():
+    serve, lock = _pins(REPO / "requirements-serve.txt"), _pins(REPO / "constraints.txt")
+    assert {k: v for k, v in serve.items() if lock.get(k) != v} == {}
+    assert not {"torch", "torchvision", "timm", "segmentation-models-pytorch",
+                "albumentations", "triton"} & set(serve)  # fmt: skip
+    wanted = [ln.strip().lower() for ln in (REPO / "requirements-serve.in").read_text().splitlines()
+              if ln.strip() and not ln.startswith("#")]  # fmt: skip
+    assert set(wanted) <= set(serve) and {"onnxruntime", "openvino", "fastapi"} <= set(serve)

@@ -1,0 +1,138 @@
+"""The torch-free runtime (issue 18): the numpy ensemble × TTA against the torch path on real
+X-rays, the pieces it is made of, the CPU facts and the mask agreement that gates precisions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_export import _model_cfg
+
+from pneumoseg.data.dataset import normalize
+from pneumoseg.inference import cpu
+from pneumoseg.inference import export as ex
+from pneumoseg.inference import runtime as rt
+from pneumoseg.inference.ensemble import Member, _resize, predict_probs
+from pneumoseg.models.families import family_for
+from pneumoseg.models.registry import build_model
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_normalize_np_is_the_training_normalisation(in_channels):
+    x8 = np.random.default_rng(0).integers(0, 256, (2, 16, 24), dtype=np.uint8)
+    np.testing.assert_array_equal(rt.normalize_np(x8, in_channels),
+                                  normalize(x8, in_channels).numpy())  # fmt: skip
+
+
+@pytest.mark.parametrize("size", [(40, 40), (24, 56), (64, 64), (100, 80), (57, 33)])
+def test_resize_np_matches_torch(size):
+    """Shrinking (antialiased), growing and mixed: what the torch TTA path computes."""
+    x = np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32)
+    want = _resize(torch.from_numpy(x), size).numpy()
+    got = rt.resize_np(x, size)
+    assert got.shape == want.shape and np.abs(got - want).max() < 2e-5
+
+
+@pytest.mark.parametrize(
+    "a, b, t, dice, same",
+    [
+        ([[0.9, 0.1], [0.2, 0.8]], [[0.9, 0.1], [0.2, 0.8]], 0.5, 1.0, 1.0),
+        ([[0.9, 0.9], [0.1, 0.1]], [[0.9, 0.1], [0.1, 0.1]], 0.5, 2 / 3, 0.75),
+        ([[0.1, 0.1], [0.1, 0.1]], [[0.2, 0.3], [0.0, 0.4]], 0.5, 1.0, 1.0),  # both empty
+        ([[0.6, 0.1], [0.1, 0.1]], [[0.1, 0.1], [0.1, 0.1]], 0.5, 0.0, 0.75),
+        ([[0.5, 0.51], [0.1, 0.1]], [[0.51, 0.51], [0.1, 0.1]], 0.5, 2 / 3, 0.75),  # p > t, not >=
+    ],
+)  # fmt: skip
+def test_agreement_table(a, b, t, dice, same):
+    got = rt.agreement(np.array(a, np.float32), np.array(b, np.float32), t)
+    assert got["dice"] == pytest.approx(dice) and got["same_side"] == pytest.approx(same)
+    assert got["max_abs_dp"] == pytest.approx(np.abs(np.subtract(a, b)).max())
+
+
+@pytest.mark.parametrize(
+    "text, model, flags, bf16, vnni",
+    [
+        ("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16 "
+         "avx512_vnni\n", "AMD EPYC 9R14", {"fpu", "avx2", "avx512f", "avx512_bf16", "avx512_vnni"},
+         True, True),
+        ("model name\t: Intel Xeon\nflags\t: avx2 avx_vnni\n", "Intel Xeon", {"avx2", "avx_vnni"},
+         False, True),
+        ("model name\t: Old\nflags\t: sse4_2\n", "Old", {"sse4_2"}, False, False),
+        ("", "", set(), False, False),
+    ],
+)  # fmt: skip
+def test_cpuinfo_parsing(text, model, flags, bf16, vnni, monkeypatch):
+    got_model, got_flags = cpu.parse_cpuinfo(text)
+    assert got_model == model and got_flags == flags
+    assert any(f in got_flags for f in cpu.BF16_FLAGS) == bf16
+    assert any(f in got_flags for f in cpu.INT8_FLAGS) == vnni
+
+
+def test_cpu_key_changes_with_the_flags(monkeypatch):
+    base = {"model": "X", "flags": ["avx2"], "bf16": False, "vnni": False}
+    monkeypatch.setattr(cpu, "cpu_facts", lambda: base)
+    k1 = cpu.cpu_key()
+    monkeypatch.setattr(cpu, "cpu_facts", lambda: {**base, "flags": ["avx2", "avx512_bf16"]})
+    assert cpu.cpu_key() != k1
+
+
+@pytest.fixture(scope="module")
+def exported(real_dir, tmp_path_factory):
+    """Two tiny fold models (one with an aux head, one channel) exported, and real X-rays."""
+    from pneumoseg.data.intake import read_image
+    from pneumoseg.data.resize import resize_image
+
+    tmp = tmp_path_factory.mktemp("rt")
+    files = sorted((real_dir / "train_extract").glob("*.dcm"))[:3]
+    images = np.stack([resize_image(read_image(f), 64) for f in files])
+    out = []
+    for k, over in enumerate([{"arch": "unet", "encoder": "resnet18", "encoder_weights": None,
+                               "decoder_channels": [16, 8, 8, 8, 8]},
+                              {"arch": "unet", "encoder": "resnet18", "encoder_weights": None,
+                               "in_channels": 1, "aux_head": True,
+                               "decoder_channels": [16, 8, 8, 8, 8]}]):  # fmt: skip
+        torch.manual_seed(k)
+        mcfg = _model_cfg(over)
+        model = build_model(mcfg).eval()
+        member = type("M", (), {"model": model, "path": tmp / f"fold{k}" / "model.pt"})
+        member.path.parent.mkdir()
+        torch.save(model.state_dict(), member.path)
+        x = normalize(images, int(mcfg.get("in_channels", 3)))
+        ex._export_member(family_for(mcfg), member, x, tmp / f"fold{k}.onnx", f"fold{k}.onnx")
+        out.append((Member(model, 0.6 if k == 0 else 0.4, mcfg), tmp / f"fold{k}.onnx"))
+    return out, images
+
+
+@pytest.mark.parametrize("runtime", rt.RUNTIMES)
+@pytest.mark.parametrize("tta", [[], ["hflip"], ["hflip", "vflip", 0.875], [1.125]])
+def test_numpy_ensemble_matches_torch_on_real_xrays(exported, runtime, tta):
+    """The weighted blend of two exported models (3 and 1 channels, one with an aux head) with
+    flips and scaled views, in numpy, against predict_probs in torch fp32."""
+    members, images = exported
+    want, want_cls = predict_probs([m for m, _ in members], images, tta, "cpu", None,
+                                   channels_last=False)  # fmt: skip
+    ems = [rt.ExportedMember(rt.open_session(p, runtime, "fp32", 1), m.weight,
+                             int(m.cfg.get("in_channels", 3)), p.name) for m, p in members]  # fmt: skip
+    got, cls = rt.predict_probs_np(ems, images, tta, max_forward=2)
+    assert got.shape == tuple(want.shape) and got.dtype == np.float32
+    assert np.abs(got - want.numpy()).max() <= 1e-4
+    assert cls is not None and np.abs(cls - want_cls.numpy()).max() <= 1e-4
+
+
+def test_resize_back_np_matches_torch():
+    from pneumoseg.inference.ensemble import resize_to_original
+
+    p = torch.from_numpy(np.random.default_rng(2).random((3, 64, 64), dtype=np.float32))
+    sizes = [(64, 64), (1024, 1000), (40, 50)]
+    for a, b in zip(rt.resize_back_np(p.numpy(), sizes), resize_to_original(p, sizes), strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+
+
+def test_sessions_refuse_a_damaged_file(tmp_path):
+    from pneumoseg.errors import ModelFileError
+
+    bad = tmp_path / "fold0.onnx"
+    bad.write_bytes(b"\x08\x07 not a model")
+    for runtime in rt.RUNTIMES:
+        with pytest.raises(ModelFileError, match="cannot load it"):
+            rt.open_session(bad, runtime, "fp32")
