@@ -272,6 +272,26 @@ def test_serve_script_starts_answers_and_stops(tmp_path, png_path):
     assert f"serving on {url}/" in out and "Traceback" not in out
 
 
+def test_a_client_at_the_cap_never_gets_503(tmp_path, png_path):
+    """One place in all (concurrency 1, queue 0), one client sending its next request the moment
+    it has an answer: every answer is a 200 (the place is given back before the answer's last
+    byte, not after the app returns)."""
+    import httpx
+
+    from conftest import start_serve, stop_serve
+
+    _, over = _experiment(tmp_path)
+    proc, url = start_serve("--config", DEMO, *over, "serve.concurrency=1", "serve.queue=0")
+    data = png_path.read_bytes()
+    try:
+        with httpx.Client(timeout=60) as http:
+            codes = [http.post(f"{url}/api/predict", files=[("files", ("a.png", data))]).status_code
+                     for _ in range(40)]  # fmt: skip
+    finally:
+        stop_serve(proc)
+    assert codes == [200] * 40, codes
+
+
 def test_serve_script_user_errors(tmp_path):
     import socket
 

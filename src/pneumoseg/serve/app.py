@@ -137,11 +137,25 @@ class RequestGuard:
         if gated and not self.gate.enter():
             log.warning("over capacity: 503")
             return await _answer(send, 503, BUSY)
-        try:
-            await self._guarded(scope, receive, send)
-        finally:
-            if gated:
+        inside = [gated]
+
+        def leave() -> None:  # once: at the answer's last byte, or when the request ends
+            if inside[0]:
+                inside[0] = False
                 self.gate.leave()
+
+        async def send_then_leave(message):
+            # the place is given back before the last byte goes out: a client that sends its next
+            # request the moment it has its answer must find it free (else "at capacity" 503s
+            # reach clients that never exceed the cap)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                leave()
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_then_leave if gated else send)
+        finally:
+            leave()
 
     async def _guarded(self, scope, receive, send):
         declared = dict(scope.get("headers") or []).get(b"content-length")
