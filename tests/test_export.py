@@ -207,15 +207,13 @@ def test_export_target_that_is_a_file_is_refused(trained):
     assert (target / "export").read_text() == "mine"
 
 
-def test_maskrcnn_is_refused_by_name(trained, monkeypatch):
-    """A family whose probability map is not one graph is refused with the reason."""
+def test_a_family_that_cannot_be_exported_is_refused_by_name(trained, monkeypatch):
+    """A family listed in NOT_EXPORTABLE (none today) is refused with its reason."""
+    monkeypatch.setitem(ex.NOT_EXPORTABLE, "smp", "its graph needs an op no runtime has")
     cfg = load_config(DEMO, _over(trained))
-    member = ex._members_of(cfg, EXP)[0]
-    monkeypatch.setattr(
-        ex, "_members_of", lambda cfg, exp: [member._replace(cfg={"arch": "maskrcnn"})]
-    )
-    with pytest.raises(ex.ExportError, match="the maskrcnn family cannot be exported: its proba"):
+    with pytest.raises(ex.ExportError, match="the smp family cannot be exported: its graph needs"):
         ex.export_experiments(cfg, force=True)
+    assert not (trained / "runs" / EXP / "export" / "fold0.tmp.onnx").exists()
 
 
 def test_missing_models_and_bad_keys_are_clean_errors(trained):

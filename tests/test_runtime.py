@@ -136,3 +136,90 @@ def test_sessions_refuse_a_damaged_file(tmp_path):
     for runtime in rt.RUNTIMES:
         with pytest.raises(ModelFileError, match="cannot load it"):
             rt.open_session(bad, runtime, "fp32")
+
+
+# --------------------------------------------------------------------------------------------------
+# a detector: Mask R-CNN's detections made into probabilities outside the graph
+# --------------------------------------------------------------------------------------------------
+MASKRCNN = {"arch": "maskrcnn", "encoder": "resnet18", "encoder_weights": None, "fpn_channels": 32,
+            "roi_samples": 64, "rpn_proposals": 300, "detections_per_img": 20}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def detector(real_dir, tmp_path_factory):
+    from pneumoseg.data.intake import read_image
+    from pneumoseg.data.resize import resize_image
+
+    tmp = tmp_path_factory.mktemp("det")
+    torch.manual_seed(0)
+    mcfg = {**_model_cfg(MASKRCNN), "input_size": 64}
+    model = build_model(mcfg).eval()
+    member = type("M", (), {"model": model, "path": tmp / "fold0" / "model.pt"})
+    member.path.parent.mkdir()
+    torch.save(model.state_dict(), member.path)
+    files = sorted((real_dir / "train_extract").glob("*.dcm"))[:3]
+    images = np.stack([resize_image(read_image(f), 64) for f in files])
+    row = ex._export_member(family_for(mcfg), member, normalize(images, 3), tmp / "m.onnx",
+                            "fold0.onnx")  # fmt: skip
+    return Member(model, 1.0, mcfg), tmp / "m.onnx", images, row
+
+
+def test_maskrcnn_exports_with_parity_on_real_xrays(detector):
+    member, _, _, row = detector
+    assert row["outputs"] == ["masks", "scores"] and row["max_abs_dp"] <= ex.PARITY_TOL
+    assert ex.detector_min_score(member.model) == 0.05
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime"])  # OpenVINO: refused (rt.UNSUPPORTED)
+@pytest.mark.parametrize("min_score", [0.05, 0.0, 0.2])
+def test_detector_ensemble_matches_torch(detector, runtime, min_score):
+    """hflip TTA, one image per graph run, the min_score applied outside the graph: what the
+    family's predict gives in torch (at the same min_score, set as a tuning would)."""
+    from pneumoseg.models.families import family_for as fam_of
+
+    member, path, images, _ = detector
+    fam_of(member.cfg).set_option(member.model, "min_score", min_score)
+    try:
+        want, cls = predict_probs([member], images, ["hflip"], "cpu", None, channels_last=False)
+    finally:
+        fam_of(member.cfg).set_option(member.model, "min_score", 0.05)
+    em = rt.ExportedMember(rt.open_session(path, runtime, "fp32", 1), 1.0, 3, "fold0.onnx",
+                           head="detections", min_score=min_score)  # fmt: skip
+    got, got_cls = rt.predict_probs_np([em], images, ["hflip"])
+    assert cls is None and got_cls is None
+    assert np.abs(got - want.numpy()).max() <= 1e-4
+    assert want.max() > 0  # detections were kept: the maps are not all zero
+
+
+@pytest.mark.parametrize(
+    "scores, min_score, want",
+    [([0.9, 0.3], 0.5, [[0.9, 0.0], [0.45, 0.0]]),
+     ([0.9, 0.3], 0.2, [[0.9, 0.3], [0.45, 0.3]]),
+     ([0.1, 0.3], 0.5, [[0.0, 0.0], [0.0, 0.0]]),
+     ([], 0.0, [[0.0, 0.0], [0.0, 0.0]])],
+)  # fmt: skip
+def test_detections_to_probs_table(scores, min_score, want):
+    masks = np.array([[[[1.0, 0.0], [0.5, 0.0]]], [[[0.0, 1.0], [0.0, 1.0]]]], np.float32)
+    got = rt.detections_to_probs(masks[: len(scores)], np.array(scores, np.float32), min_score,
+                                 (2, 2))  # fmt: skip
+    np.testing.assert_allclose(got[0], want, atol=1e-7)
+
+
+def test_openvino_run_failure_is_a_clean_error():
+    """OpenVINO's CPU plugin raising on one input (as it does in Mask R-CNN's RoI heads) is a
+    typed error that says what to use instead, not a traceback."""
+    import threading
+
+    from pneumoseg.errors import ModelFileError
+
+    class Request:
+        def infer(self, inputs):
+            raise RuntimeError("[CPU] Reshape node ... conflicts with the reshape pattern")
+
+    session = rt.OvSession.__new__(rt.OvSession)
+    session.compiled = type("C", (), {"create_infer_request": lambda self: Request(),
+                                      "outputs": []})()  # fmt: skip
+    session._local = threading.local()
+    with pytest.raises(ModelFileError, match="OpenVINO could not run this model on an input of "
+                                             r"shape \(1, 3, 64, 64\).*onnxruntime"):  # fmt: skip
+        session.run(np.zeros((1, 3, 64, 64), np.float32))

@@ -31,6 +31,7 @@ from pneumoseg.inference import cpu
 from pneumoseg.inference.exported import EXPORT_DIR, ExportError, check_export, check_int8
 from pneumoseg.inference.runtime import (
     RUNTIMES,
+    UNSUPPORTED,
     ExportedMember,
     open_session,
     predict_probs_np,
@@ -41,9 +42,9 @@ from pneumoseg.tuning.provenance import model_key
 log = logging.getLogger("pneumoseg.predict")
 
 # benchmarks/bench_runtime.py on the README's CPU (ResNet34 U-Net at 512 × hflip, 2 threads): the
-# fastest exported runtime against torch as predict.py ran it before exports existed. Quoted in
-# the one log line that suggests exporting, never used to choose anything.
-BENCH_SPEEDUP = "2.4× (OpenVINO int8 against torch bf16 autocast on a 2-core AMD EPYC)"
+# fastest exported runtime that passed its checks against torch as predict.py ran it before
+# exports existed. Quoted in the one log line that suggests exporting, never used to choose.
+BENCH_SPEEDUP = "1.7-1.8x (ONNX Runtime int8 against torch bf16 autocast, 2-core AMD EPYC)"
 BF16_REFUSED = (
     "predict.precision: bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX); this one "
     "({cpu}) would emulate it, slower than fp32. Use fp32 or int8"
@@ -79,10 +80,10 @@ def plan_runtime(cfg: Mapping[str, Any]) -> Plan:
             raise ExportError("predict.backend auto: no up-to-date export of every experiment "
                               "and no torch in this install to predict without one; run python "
                               "src/export.py --config <config> where the training stack is")  # fmt: skip
-        log.info("predicting with torch: `python src/export.py --config <config>` would export "
-                 "the models and measure the runtimes on this CPU; on the benchmark CPU the "
-                 "fastest export was %s faster (README, benchmarks/bench_runtime.py)",
-                 BENCH_SPEEDUP)  # fmt: skip
+        log.info("predicting with torch: no up-to-date export. `python src/export.py --config "
+                 "<config>` exports the models and measures every runtime on this CPU; on the "
+                 "benchmark CPU the fastest that passed its checks was %s (README, "
+                 "benchmarks/bench_runtime.py)", BENCH_SPEEDUP)  # fmt: skip
         return Plan("torch", precision, "no up-to-date export", threads=threads)
     best = _fastest(exports, precision)
     if best is None:
@@ -174,7 +175,13 @@ def _auto_precision(exports, runtime: str) -> str:
 
 
 def _require(runtime: str, precision: str, exports) -> None:
-    """Refuse a precision this CPU or these exports cannot give."""
+    """Refuse a precision this CPU or these exports cannot give, and a runtime that cannot run
+    an export's graphs."""
+    for _folder, manifest in exports.values():
+        why = UNSUPPORTED.get((runtime, manifest.get("head", "probs")))
+        if why:
+            raise ConfigError(f"predict.backend {runtime}: experiment {manifest.get('exp')!r} "
+                              f"({manifest.get('family')}) cannot run there: {why}")  # fmt: skip
     if precision == "bf16":
         if runtime != "openvino":
             raise ConfigError(f"predict.precision: bf16 runs with openvino (or torch), not "
@@ -201,12 +208,26 @@ class ExportEngine:
             folder, manifest = plan.exports[exp]
             rows = select_folds(manifest, cfg, folder)
             files = _files(folder, manifest, rows, plan.precision)
+            head = {"head": manifest.get("head", "probs"),
+                    "min_score": float(manifest.get("min_score", 0.0))}  # fmt: skip
             for row, path in zip(rows, files, strict=True):
                 session = open_session(path, plan.backend, plan.precision, plan.threads)
                 in_ch = int(manifest["input"]["channels"])
                 self.members.append(ExportedMember(session, weight / len(rows), in_ch,
-                                                   f"{exp}/{path.name}"))  # fmt: skip
+                                                   f"{exp}/{path.name}", **head))  # fmt: skip
                 self.digests[model_key(folder.parent / row["model"])] = row["model_digest"]
+
+    def apply_options(self, options: Mapping[str, Any]) -> None:
+        """The tuned inference options (``model_options`` of postprocess.yaml): a detector's
+        ``min_score``, applied outside its graph."""
+        for name, value in options.items():
+            detectors = [m for m in self.members if m.head == "detections"]
+            if name != "min_score" or not detectors:
+                raise ConfigError(f"model option {name!r} of the tuning has no meaning for these "
+                                  "exported models; predict with predict.backend torch")  # fmt: skip
+            for m in detectors:
+                m.min_score = float(value)
+            log.info("detector min_score = %g (tuned)", float(value))
 
     def probs(self, images: np.ndarray, sizes, tta: Sequence[str]):
         p, cls = predict_probs_np(self.members, images, tta)

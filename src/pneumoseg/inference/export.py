@@ -2,23 +2,25 @@
 
 ``<train.out_dir>/<exp>/export/``::
 
-    fold<k>.onnx     the fold's model and its family's probability head as one graph: normalised
-                     float32 images (N, C, H, W) in, probabilities (N, 1, H, W) out (and the
-                     image-level probability (N, 1) with an aux head); opset 17, dynamic N, H, W
-    manifest.json    family, input channels and size, normalisation, the experiment's TTA views
-                     and post-processing, and per fold the digests (first 16 hex digits of
-                     SHA-256, as tunings record) of the model.pt it was made from and of the
-                     .onnx, and the parity measured
+    fold<k>.onnx       the fold's model and its family's probability head as one graph: normalised
+                       float32 images (N, C, H, W) in, probabilities (N, 1, H, W) out (and the
+                       image-level probability (N, 1) with an aux head); opset 17, dynamic N, H, W.
+                       A detector (Mask R-CNN) takes one image and gives its masks and scores:
+                       the probability map is made outside the graph (``head: detections``)
+    fold<k>.int8.onnx  the int8 model (:mod:`.export_checks`), only if it passed its check
+    manifest.json      family, head, input channels and size, normalisation, the experiment's TTA
+                       views and post-processing, per fold the digests (first 16 hex digits of
+                       SHA-256, as tunings record) of the model.pt it was made from and of the
+                       .onnx and the parity measured, the int8 record, and every runtime ×
+                       precision timed and checked on this CPU (``runtimes``)
 
 An export is kept only if ONNX Runtime's probabilities on a batch of the experiment's own cached
 training images match torch fp32 within :data:`PARITY_TOL` (else it is an error and nothing is
 written). The manifest's checksums make a stale export (its ``model.pt`` retrained since) or a
-damaged ``.onnx`` detectable: :func:`check_export` refuses both. The export folder is replaced as
-one set: the ``.onnx`` files are renamed into place first, the manifest last, so a folder whose
-manifest does not match its files is never taken for a good export.
-
-This module is the first part of issue 18 (ONNX Runtime / OpenVINO backends): prediction does not
-use the exports yet.
+damaged ``.onnx`` detectable: :func:`~.exported.check_export` refuses both. The export folder is
+replaced as one set: the ``.onnx`` files are renamed into place first, the manifest last, so a
+folder whose manifest does not match its files is never taken for a good export. Prediction uses
+the exports through :mod:`.backends`.
 """
 
 from __future__ import annotations
@@ -51,13 +53,26 @@ log = logging.getLogger("pneumoseg.export")
 OPSET = 17
 N_CHECK = 4  # cached training images the parity is measured on
 # Families whose probability map is not one traceable graph, and why (the name is the error).
-NOT_EXPORTABLE = {
-    "maskrcnn": (
-        "its probability map is pasted in Python from a variable number of detections "
-        "(MaskRCNNFamily.predict), which one traced ONNX graph cannot hold yet; predict it with "
-        "the torch backend"
-    ),
-}
+# Every family exports today; a new one that cannot goes here with its reason.
+NOT_EXPORTABLE: dict[str, str] = {}
+# Families whose graph gives detections (masks and scores per image), turned into a probability
+# map outside the graph (pneumoseg.inference.runtime.detections_to_probs), one image at a time.
+DETECTORS = ("maskrcnn",)
+
+
+class _DetectorNet(nn.Module):
+    """A detector (torchvision Mask R-CNN) for one image (1, C, H, W): its masks (K, 1, H, W) and
+    scores (K,), pasted at the image's size inside the graph; the family's ``min_score`` and the
+    max over detections are applied outside it, where the tuned ``min_score`` can change."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.eval()  # see _ProbsNet
+
+    def forward(self, x: torch.Tensor):
+        det = self.model([x[0]])[0]
+        return det["masks"], det["scores"]
 
 
 class _ProbsNet(nn.Module):
@@ -186,13 +201,15 @@ def _export_one(
         x = normalize(images[:N_CHECK], in_ch)
         rows = [_export_member(fam, m, x, tmp, final.name)
                 for m, (tmp, final) in zip(members, fp32, strict=True)]  # fmt: skip
-        record = _int8(fp32, int8, images, in_ch)
+        record = (_int8(fp32, int8, images, in_ch) if fam.name not in DETECTORS else
+                  {"made": False, "why": "not tried for detectors", "calibration_images": 0})  # fmt: skip
+        head = _head(fam, members[0])
         runtimes = _check_runtimes(cfg, exp, members, fp32, int8 if record["made"] else [],
-                                   images[: checks.N_AGREE], in_ch)  # fmt: skip
+                                   images[: checks.N_AGREE], in_ch, head)  # fmt: skip
         record["passed"] = any(r["passed"] for r in runtimes["measured"]
                                if r["precision"] == "int8" and r["runtime"] != "torch")  # fmt: skip
         keep = [*fp32, *(int8 if record["passed"] else [])]
-        manifest = {**_manifest(cfg, exp, fam.name, in_ch, rows), "runtimes": runtimes,
+        manifest = {**_manifest(cfg, exp, fam.name, in_ch, rows), **head, "runtimes": runtimes,
                     "int8": _int8_rows(record, int8, stems)}  # fmt: skip
         for tmp, final in keep:
             tmp.replace(final)
@@ -240,7 +257,14 @@ def _int8_rows(record: dict, int8: list, stems: list[str]) -> dict:
     return out
 
 
-def _check_runtimes(cfg, exp, members, fp32, int8, images, in_ch) -> dict:
+def _head(fam: Any, member: Any) -> dict:
+    """How the graph's outputs become probabilities (the manifest's ``head``, ``min_score``)."""
+    if fam.name in DETECTORS:
+        return {"head": "detections", "min_score": detector_min_score(member.model)}
+    return {"head": "probs"}
+
+
+def _check_runtimes(cfg, exp, members, fp32, int8, images, in_ch, head) -> dict:
     """Time and compare every runtime × precision on this CPU (:mod:`.export_checks`)."""
     from pneumoseg.postprocessing.postprocess import load_params, pixel_threshold
 
@@ -256,7 +280,7 @@ def _check_runtimes(cfg, exp, members, fp32, int8, images, in_ch) -> dict:
         files = {"fp32": [t for t, _ in fp32], "int8": [t for t, _ in int8]}
         weights = [m.weight for m in members]
         return checks.check_runtimes(files, weights, in_ch, images, tta, threshold, rows, ref,
-                                     threads)  # fmt: skip
+                                     threads, head)  # fmt: skip
     finally:
         torch.set_num_threads(before)
 
@@ -264,6 +288,8 @@ def _check_runtimes(cfg, exp, members, fp32, int8, images, in_ch) -> dict:
 def _export_member(fam: Any, member: Any, x: torch.Tensor, tmp: Path, name: str) -> dict:
     """Export one fold model to ``tmp`` and measure its parity on ``x``; an error above
     :data:`PARITY_TOL`."""
+    if fam.name in DETECTORS:
+        return _export_detector(fam, member, x, tmp, name)
     net = _ProbsNet(fam, member.model.float().eval())
     with torch.no_grad():
         ref = net(x)
@@ -279,12 +305,50 @@ def _export_member(fam: Any, member: Any, x: torch.Tensor, tmp: Path, name: str)
     got = run_onnx(tmp, x.numpy())
     refs = ref if isinstance(ref, tuple) else (ref,)
     dp = max(float(np.abs(r.numpy() - g).max()) for r, g in zip(refs, got, strict=True))
+    return _parity_row(member, tmp, name, dp, len(x), outputs)
+
+
+def _parity_row(member: Any, tmp: Path, name: str, dp: float, n: int, outputs: list) -> dict:
     if not dp <= PARITY_TOL:
         raise ExportError(f"{member.path}: the ONNX model differs from torch by max |Δp| {dp:.3g} "
-                          f"> {PARITY_TOL:g} on {len(x)} cached images; not exported")  # fmt: skip
+                          f"> {PARITY_TOL:g} on {n} cached images; not exported")  # fmt: skip
     model = f"{member.path.parent.name}/{member.path.name}"  # relative to runs/<exp>/
     return {"file": name, "model": model, "model_digest": file_digest(member.path),
             "onnx_digest": file_digest(tmp), "max_abs_dp": dp, "outputs": outputs}  # fmt: skip
+
+
+def detector_min_score(model: nn.Module) -> float:
+    """The ``min_score`` a built Mask R-CNN applies (its config's, or the family default)."""
+    from pneumoseg.models.families.maskrcnn import DEFAULT_MIN_SCORE
+
+    core = getattr(model, "module", model)
+    return float(getattr(core, "pneumoseg_min_score", DEFAULT_MIN_SCORE))
+
+
+def _export_detector(fam: Any, member: Any, x: torch.Tensor, tmp: Path, name: str) -> dict:
+    """A detector: one image per run; the probability map made from its detections in numpy
+    must match the family's own ``predict`` on every check image."""
+    from pneumoseg.inference.runtime import detections_to_probs
+
+    model = member.model.float().eval()
+    net = _DetectorNet(model)
+    outputs = ["masks", "scores"]
+    dyn = {"image": {2: "h", 3: "w"}, "masks": {0: "k", 2: "h", 3: "w"}, "scores": {0: "k"}}
+    try:
+        torch.onnx.export(net, (x[:1],), str(tmp), dynamo=False, opset_version=OPSET,
+                          input_names=["image"], output_names=outputs, dynamic_axes=dyn)  # fmt: skip
+    except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
+        raise ExportError(f"{member.path}: ONNX export failed ({type(e).__name__}); "
+                          "predict this experiment with the torch backend") from None  # fmt: skip
+    min_score = detector_min_score(model)
+    dp = 0.0
+    for i in range(len(x)):
+        with torch.no_grad():
+            ref = fam.predict(model, x[i : i + 1]).probs[0].numpy()
+        masks, scores = run_onnx(tmp, x[i : i + 1].numpy())[:2]
+        got = detections_to_probs(masks, scores, min_score, tuple(x.shape[-2:]))
+        dp = max(dp, float(np.abs(ref - got).max()))
+    return _parity_row(member, tmp, name, dp, len(x), outputs)
 
 
 def run_onnx(path: str | Path, x: np.ndarray, threads: int = 1) -> list[np.ndarray]:

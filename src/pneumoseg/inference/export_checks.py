@@ -98,18 +98,25 @@ def check_runtimes(
     torch_rows: Sequence[dict],
     ref: np.ndarray,
     threads: int | None,
+    head: Mapping[str, Any] | None = None,
 ) -> dict:
     """Every candidate runtime × precision on ``images`` (uint8 (N, S, S)): timed, and compared
     with the torch fp32 probabilities ``ref``; ``files``: ``{"fp32": [...], "int8": [...]}`` per
     fold. Returns the manifest's ``runtimes`` record."""
     from pneumoseg.inference.exported import PARITY_TOL
+    from pneumoseg.inference.runtime import UNSUPPORTED
 
     rows = list(torch_rows)
     for runtime, precision in candidates(bool(files.get("int8"))):
+        why = UNSUPPORTED.get((runtime, (head or {}).get("head", "probs")))
+        if why:
+            rows.append({"runtime": runtime, "precision": precision, "passed": False, "why": why})
+            continue
         paths = files["int8" if precision == "int8" else "fp32"]
         try:
             members = [ExportedMember(open_session(p, runtime, precision, threads), w, in_channels,
-                                      p.name) for p, w in zip(paths, weights, strict=True)]  # fmt: skip
+                                      p.name, **(head or {}))
+                       for p, w in zip(paths, weights, strict=True)]  # fmt: skip
         except Exception as e:
             rows.append({"runtime": runtime, "precision": precision, "passed": False,
                          "why": f"cannot load ({type(e).__name__})"})  # fmt: skip

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from pneumoseg.errors import ConfigError
 from pneumoseg.schema import parse_tta
 from pneumoseg.tuning import TUNING_FILES
 
@@ -103,9 +102,8 @@ class Predictor:
         options = self.params.get("model_options") or {}
         if self.engine.backend == "torch":
             apply_model_options(self.engine.members, options)
-        elif options:
-            raise ConfigError(f"{postprocess_path(cfg)} sets model options {sorted(options)} that "
-                              "exported models cannot take; predict with predict.backend torch")  # fmt: skip
+        else:
+            self.engine.apply_options(options)
         self.relative = relative
         self.batch_size = max(1, int(cfg["predict"]["batch_size"]))
         log.info(

@@ -32,6 +32,13 @@ from pneumoseg.schema import parse_tta
 STRIDE = 32  # smp encoders need sides divisible by 32
 CPU_FORWARD = 4  # images per forward pass on CPU (the fastest on a 2-core box at 256²)
 RUNTIMES = ("onnxruntime", "openvino")
+# Runtimes that cannot run a head's graphs, and why (measured: the name is the error).
+UNSUPPORTED = {
+    ("openvino", "detections"): (
+        "OpenVINO's CPU plugin fails a Reshape in torchvision Mask R-CNN's RoI heads whenever an "
+        "image has few detections (seen with 1); use predict.backend onnxruntime"
+    ),
+}
 _MEAN = (0.485, 0.456, 0.406)  # ImageNet, as pneumoseg.data.dataset normalises (a test compares)
 _STD = (0.229, 0.224, 0.225)
 
@@ -112,7 +119,12 @@ class OvSession:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        result = request.infer({0: x})
+        try:
+            result = request.infer({0: x})
+        except RuntimeError as e:  # the CPU plugin's own shape checks, for one input
+            raise ModelFileError(f"OpenVINO could not run this model on an input of shape "
+                                 f"{tuple(x.shape)} ({type(e).__name__}); predict with "
+                                 "predict.backend onnxruntime or torch") from None  # fmt: skip
         return [np.array(result[out]) for out in self.compiled.outputs]
 
 
@@ -126,12 +138,28 @@ def open_session(path: Path, runtime: str, precision: str, threads: int | None =
 
 @dataclass
 class ExportedMember:
-    """One exported fold model: its session, ensemble weight and input channels."""
+    """One exported fold model: its session, ensemble weight and input channels; ``head``:
+    ``probs`` (the graph gives probabilities) or ``detections`` (a detector's graph gives each
+    image's masks and scores: :func:`detections_to_probs` with ``min_score``)."""
 
     session: OrtSession | OvSession
     weight: float
     in_channels: int
     name: str  # <exp>/<fold>: for logs
+    head: str = "probs"
+    min_score: float = 0.0
+
+
+def detections_to_probs(masks: np.ndarray, scores: np.ndarray, min_score: float,
+                        shape: tuple[int, int]) -> np.ndarray:  # fmt: skip
+    """A detector's masks (K, 1, H, W) and scores (K,) -> its probability map (1, H, W): per pixel
+    the max over detections scoring >= ``min_score`` of score × mask probability (what the
+    Mask R-CNN family's ``predict`` computes in torch)."""
+    keep = np.asarray(scores, np.float32) >= np.float32(min_score)
+    if not keep.any():
+        return np.zeros((1, *shape), np.float32)
+    m = np.asarray(masks, np.float32)[keep].reshape(-1, 1, *shape)
+    return np.clip((m * np.asarray(scores, np.float32)[keep].reshape(-1, 1, 1, 1)).max(0), 0, 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,7 +228,7 @@ def predict_probs_np(
         cls_acc = None
         for canvas, views in plan.items():  # the views of one padded size: one batch
             inp = _canvas_batch(normalized[m.in_channels], canvas, views, dims)
-            probs, cls = _forward(m.session, inp, max_forward)
+            probs, cls = _forward(m, inp, max_forward)
             _add_unviewed(acc, probs, views, dims, n, (h, w))
             if cls is not None:
                 c = cls.astype(np.float32).reshape(-1, n, 1).sum(0)
@@ -226,7 +254,13 @@ def _canvas_batch(x, canvas, views, dims) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(batch), dtype=np.float32)
 
 
-def _forward(session, inp: np.ndarray, chunk: int):
+def _forward(member: ExportedMember, inp: np.ndarray, chunk: int):
+    if member.head == "detections":  # a detector's graph takes one image at a time
+        shape = inp.shape[-2:]
+        probs = [detections_to_probs(*member.session.run(inp[i : i + 1])[:2], member.min_score,
+                                     shape) for i in range(len(inp))]  # fmt: skip
+        return np.stack(probs), None
+    session = member.session
     step = chunk if chunk and chunk > 0 else len(inp)
     pieces = [inp[i : i + step] for i in range(0, len(inp), step)]
     outs = [session.run(np.ascontiguousarray(p)) for p in pieces]
