@@ -81,9 +81,11 @@ demo: install
 
 # The web app over the demo experiment (after `make demo`): http://127.0.0.1:8000/
 # The experiment is exported first when it has no up-to-date export (src/export.py --update), so
-# the app predicts with the fastest runtime that passed its checks on this CPU.
+# the app predicts with the fastest runtime that passed its checks on this CPU; when it cannot be
+# exported (not trained yet), the app still starts and says what to run.
 serve: install
-	$(PY) src/export.py --config $(CONFIG) --update
+	$(PY) src/export.py --config $(CONFIG) --update \
+	  || echo "make serve: no export (see the message above); the app predicts with torch"
 	$(PY) src/serve.py --config $(CONFIG)
 
 # The serving install: what serving an exported experiment needs, without the training stack
@@ -124,6 +126,7 @@ bench: install
 	$(PY) benchmarks/bench_preprocess.py
 	$(PY) benchmarks/bench_oof_tune.py
 	$(PY) benchmarks/bench_predict.py
+	$(PY) benchmarks/bench_runtime.py
 	$(PY) benchmarks/bench_train.py
 
 # Notebooks are committed without outputs (nbstripout): cell ids (stable), tags (the papermill
