@@ -87,7 +87,7 @@ def plan_runtime(cfg: Mapping[str, Any]) -> Plan:
         return Plan("torch", precision, "no up-to-date export", threads=threads)
     best = _fastest(exports, precision)
     if best is None:
-        runtime, prec = _fallback(exports, precision)
+        runtime, prec = _fallback(precision)
         why = "no runtime measured at export on this kind of CPU passed (or none was measured)"
         return Plan(runtime, prec, why, exports, threads)
     runtime, prec, seconds = best
@@ -161,7 +161,7 @@ def _fastest(exports, precision: str, runtime: str | None = None):
     return r, p, seconds
 
 
-def _fallback(exports, precision: str) -> tuple[str, str]:
+def _fallback(precision: str) -> tuple[str, str]:
     if precision in ("auto", "fp32"):
         return "onnxruntime", "fp32"
     if precision == "bf16":

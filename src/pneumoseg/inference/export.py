@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pneumoseg.errors import DataError, ModelFileError, OutputExistsError
+from pneumoseg.errors import DataError, OutputExistsError
 from pneumoseg.inference import export_checks as checks
 from pneumoseg.inference.exported import (  # noqa: F401 - the reading side, re-exported
     EXPORT_DIR,
@@ -353,17 +353,9 @@ def _export_detector(fam: Any, member: Any, x: torch.Tensor, tmp: Path, name: st
 
 def run_onnx(path: str | Path, x: np.ndarray, threads: int = 1) -> list[np.ndarray]:
     """The outputs of an exported model on normalised images ``x`` with ONNX Runtime (CPU)."""
-    import onnxruntime as ort
+    from pneumoseg.inference.runtime import OrtSession
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3  # no warnings on the console: failures raise
-    try:
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own untyped errors (Fail, InvalidGraph...)
-        raise ModelFileError(f"{path}: ONNX Runtime cannot load it ({type(e).__name__}); "
-                             "export again (src/export.py --force)") from None  # fmt: skip
-    return sess.run(None, {"image": np.ascontiguousarray(x, dtype=np.float32)})
+    return OrtSession(Path(path), threads).run(np.ascontiguousarray(x, dtype=np.float32))
 
 
 def _manifest(cfg: Mapping[str, Any], exp: str, family: str, in_ch: int, rows: list) -> dict:

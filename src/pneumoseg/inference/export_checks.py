@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 
 from pneumoseg.inference import cpu
-from pneumoseg.inference.runtime import ExportedMember, agreement, open_session, predict_probs_np
+from pneumoseg.inference.exported import PARITY_TOL
+from pneumoseg.inference.runtime import (
+    UNSUPPORTED,
+    ExportedMember,
+    agreement,
+    open_session,
+    predict_probs_np,
+)
 
 log = logging.getLogger("pneumoseg.export")
 
@@ -103,9 +110,6 @@ def check_runtimes(
     """Every candidate runtime × precision on ``images`` (uint8 (N, S, S)): timed, and compared
     with the torch fp32 probabilities ``ref``; ``files``: ``{"fp32": [...], "int8": [...]}`` per
     fold. Returns the manifest's ``runtimes`` record."""
-    from pneumoseg.inference.exported import PARITY_TOL
-    from pneumoseg.inference.runtime import UNSUPPORTED
-
     rows = list(torch_rows)
     for runtime, precision in candidates(bool(files.get("int8"))):
         why = UNSUPPORTED.get((runtime, (head or {}).get("head", "probs")))
@@ -178,7 +182,7 @@ def torch_rows(members: Sequence, images: np.ndarray, tta: Sequence[str], amp: s
             row = {"runtime": "torch", "precision": precision, "layout": "channels_last",
                    "amp_default": dt == dtype, "s_per_image": seconds / len(images),
                    **agreement(ref, probs, threshold)}  # fmt: skip
-            row["passed"] = _passes(row, precision, 1e-4)
+            row["passed"] = _passes(row, precision, PARITY_TOL)
             rows.append(row)
     finally:
         for m in members:
