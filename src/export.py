@@ -44,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = config_from_args(args)
     for result in export_experiments(cfg, force=args.force, update=args.update):
-        log.info("%s: %d ONNX model(s) in %s (max |Δp| vs torch fp32 %.2g)", result.exp,
+        log.info("%s: %d model file(s) in %s (max |Δp| vs torch fp32 %.2g)", result.exp,
                  len(result.files), result.folder, result.max_dp)  # fmt: skip
         for row in result.manifest["runtimes"]["measured"]:
-            log.info("  %-11s %-4s %-13s %s", row["runtime"], row["precision"],
+            log.info("  %-11s %-4s %-13s %-15s %s", row["runtime"], row["precision"],
+                     row.get("layout", ""),
                      f"{row['s_per_image']:.4f} s/image" if "s_per_image" in row else "-",
                      "ok" if row["passed"] else f"failed its check {row.get('why', '')}")  # fmt: skip
     return 0

@@ -123,11 +123,15 @@ def test_manifest_records_this_cpus_runtimes(world):
             assert row["passed"] == (row["max_abs_dp"] <= 1e-4) and row["passed"], row
         if precision in ("bf16", "int8"):
             assert row["passed"] == (row["dice"] >= checks.MIN_DICE), row
-    int8 = _manifest(world)["int8"]
-    int8_rows = [r for (rt, p), r in measured.items() if p == "int8"]
-    assert int8["passed"] == any(r["passed"] for r in int8_rows)
     files = {p.name for p in (world / "runs" / EXP / "export").iterdir()}
-    assert ("fold0.int8.onnx" in files) == int8["passed"]
+    names = {
+        "onnxruntime": ["fold0.int8.onnx"],
+        "openvino": ["fold0.int8-ov.xml", "fold0.int8-ov.bin"],
+    }
+    for runtime, int8 in _manifest(world)["int8"].items():
+        row = measured.get((runtime, "int8"), {"passed": False})
+        assert int8["passed"] == row["passed"], runtime
+        assert all((name in files) == int8["passed"] for name in names[runtime]), runtime
 
 
 def test_auto_picks_the_fastest_that_passed(world):
@@ -235,30 +239,161 @@ def test_int8_that_fails_its_check_is_not_kept(world, copy_world, monkeypatch):
     over = _over_copy(world, copy_world)
     code, out = run_cli("export", "--config", DEMO, "--force", *over)
     assert code == 0, out
-    manifest = json.loads((copy_world / "runs" / EXP / "export" / "manifest.json").read_text())
-    assert manifest["int8"]["passed"] is False
-    assert not list((copy_world / "runs" / EXP / "export").glob("*.int8.onnx"))
-    code, out = run_cli("predict", "--config", DEMO, "--submission",
-                        *over, "predict.backend=openvino", "predict.precision=int8")  # fmt: skip
-    assert code == 2 and "no int8 model passed its check at export" in out, out
+    folder = copy_world / "runs" / EXP / "export"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert not manifest["int8"]["onnxruntime"]["passed"]
+    assert not manifest["int8"]["openvino"]["passed"]
+    assert not [p for p in folder.iterdir() if ".int8" in p.name]  # the earlier export's too
+    for backend in ("openvino", "onnxruntime"):
+        code, out = run_cli("predict", "--config", DEMO, "--submission",
+                            *over, f"predict.backend={backend}", "predict.precision=int8")  # fmt: skip
+        assert code == 2 and f"no int8 model for {backend} passed its check at export" in out, out
     code, out = run_cli("predict", "--config", DEMO, "--submission", *over)
     assert code == 0 and "int8" not in out.split("runtime:")[1].splitlines()[0], out
 
 
-def test_int8_kept_runs_on_both_runtimes(world, copy_world, monkeypatch):
-    monkeypatch.setattr(checks, "MIN_DICE", 0.0)  # keep it whatever it gives, to run it
+@pytest.fixture(scope="module")
+def int8_world(world, tmp_path_factory) -> Path:
+    """A copy of the trained experiment whose export kept both runtimes' int8 models, whatever
+    their agreement (MIN_DICE 0): made once, copied again by a test that damages it."""
+    root = tmp_path_factory.mktemp("int8_world")
+    shutil.copytree(world / "runs" / EXP, root / "runs" / EXP,
+                    ignore=shutil.ignore_patterns("last.pt", "checkpoints"))  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checks, "MIN_DICE", 0.0)
+        code, out = run_cli("export", "--config", DEMO, "--force", *_over_copy(world, root))
+    assert code == 0, out
+    return root
+
+
+def test_int8_kept_runs_on_both_runtimes(world, int8_world, tmp_path):
+    manifest = json.loads((int8_world / "runs" / EXP / "export" / "manifest.json").read_text())
+    for runtime in ("onnxruntime", "openvino"):
+        assert manifest["int8"][runtime]["passed"] is True, runtime
+        assert len(manifest["int8"][runtime]["folds"]) == 2
+    for row in manifest["int8"]["openvino"]["folds"]:  # NNCF's report: k of n back in fp32
+        k, _, n = row["reverted"].partition(" of ")
+        assert row["reverted"] == "none" or 0 < int(k) <= int(n), row
+        assert set(row["digests"]) == {row["file"], row["file"][:-4] + ".bin"}
+    for backend in ("onnxruntime", "openvino"):
+        code, out = run_cli("predict", "--config", DEMO, "--submission",
+                            *_over_copy(world, int8_world, f"predict.backend={backend}",
+                                        "predict.precision=int8",
+                                        f"predict.out_dir={tmp_path / backend}"))  # fmt: skip
+        assert code == 0 and f"runtime: {backend} int8" in out, out
+        rows = (tmp_path / backend / f"{EXP}.csv").read_text().splitlines()
+        assert len(rows) == 7
+
+
+@pytest.mark.parametrize("why", ["nncf missing", "quantizer fails"])
+def test_int8_for_one_runtime_only(world, copy_world, monkeypatch, why):
+    """OpenVINO's int8 model not made (NNCF not installed, or its quantization raising): the
+    export keeps ONNX Runtime's, records why, and OpenVINO int8 is refused by name."""
+    monkeypatch.setattr(checks, "MIN_DICE", 0.0)
+    if why == "nncf missing":
+        monkeypatch.setattr(checks, "int8_runtimes", lambda: {
+            "onnxruntime": None, "openvino": "nncf is not installed (pip install nncf)"})  # fmt: skip
+        expect = "nncf is not installed (pip install nncf)"
+    else:
+        real = checks.quantize
+
+        def fails(runtime, *args):
+            if runtime == "openvino":
+                raise RuntimeError("NNCF failed")
+            return real(runtime, *args)
+
+        monkeypatch.setattr(checks, "quantize", fails)
+        expect = "quantization failed (RuntimeError)"
     over = _over_copy(world, copy_world)
     code, out = run_cli("export", "--config", DEMO, "--force", *over)
     assert code == 0, out
-    manifest = json.loads((copy_world / "runs" / EXP / "export" / "manifest.json").read_text())
-    assert manifest["int8"]["passed"] is True and len(manifest["int8"]["folds"]) == 2
-    for backend in ("onnxruntime", "openvino"):
-        code, out = run_cli("predict", "--config", DEMO, "--submission", *over,
-                            f"predict.backend={backend}", "predict.precision=int8",
-                            f"predict.out_dir={copy_world / backend}")  # fmt: skip
-        assert code == 0 and f"runtime: {backend} int8" in out, out
-        rows = (copy_world / backend / f"{EXP}.csv").read_text().splitlines()
-        assert len(rows) == 7
+    folder = copy_world / "runs" / EXP / "export"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["int8"]["onnxruntime"]["passed"] is True
+    assert manifest["int8"]["openvino"] == {**manifest["int8"]["openvino"], "passed": False,
+                                            "why": expect}  # fmt: skip
+    assert not list(folder.glob("*int8-ov*")) and not list(folder.glob(".*"))  # no temp left
+    assert ("openvino", "int8") not in {(r["runtime"], r["precision"])
+                                        for r in manifest["runtimes"]["measured"]}  # fmt: skip
+    code, out = run_cli("predict", "--config", DEMO, "--submission", *over,
+                        "predict.backend=openvino", "predict.precision=int8")  # fmt: skip
+    assert code == 2 and expect in out and "Traceback" not in out, out
+    code, out = run_cli("predict", "--config", DEMO, "--submission", *over,
+                        "predict.backend=onnxruntime", "predict.precision=int8")  # fmt: skip
+    assert code == 0 and "runtime: onnxruntime int8" in out, out
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f, m: f.joinpath("fold1.int8-ov.bin").write_bytes(b"\0" * 64),
+         "fold1.int8-ov.bin is missing or changed"),
+        (lambda f, m: f.joinpath("fold0.int8-ov.bin").unlink(), "fold0.int8-ov.bin is missing"),
+        (lambda f, m: m["int8"]["openvino"]["folds"][0]["digests"].update({"../model.pt": "0"}),
+         "manifest.json is damaged"),
+        (lambda f, m: m["int8"]["openvino"]["folds"][0].update(file="fold9.int8-ov.xml"),
+         "manifest.json is damaged"),
+        (lambda f, m: m["int8"].update(openvino=["passed"]), "no int8 model for openvino passed"),
+        (lambda f, m: m["int8"]["openvino"].pop("folds"), "manifest.json is damaged"),
+    ],
+)  # fmt: skip
+def test_damaged_openvino_int8_is_a_clean_error(world, int8_world, tmp_path, damage, message):
+    shutil.copytree(int8_world / "runs", tmp_path / "runs")
+    folder = tmp_path / "runs" / EXP / "export"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    damage(folder, manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    code, out = run_cli("predict", "--config", DEMO, "--submission",
+                        *_over_copy(world, tmp_path, "predict.backend=openvino",
+                                    "predict.precision=int8"))  # fmt: skip
+    assert code == 2 and message in out and "Traceback" not in out, out
+
+
+def test_an_export_of_another_format_is_stale(world, copy_world):
+    """A manifest of the format before per-runtime int8 records: refused with an explicit backend,
+    skipped by auto, made again by --update."""
+    folder = copy_world / "runs" / EXP / "export"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    over = _over_copy(world, copy_world)
+    code, out = run_cli("predict", "--config", DEMO, "--submission", *over,
+                        "predict.backend=openvino")  # fmt: skip
+    assert code == 2 and "written by another version of pneumoseg (format 1" in out, out
+    code, out = run_cli("export", "--config", DEMO, "--update", *over)
+    assert code == 0 and "exporting again" in out, out
+    assert json.loads((folder / "manifest.json").read_text())["format"] == 2
+
+
+@pytest.mark.parametrize(
+    "messages, expected",
+    [
+        ([], "none"),
+        (["Accuracy drop: 0.05 (absolute)", "4 out of 44 were reverted back to the "
+          "floating-point precision:\n\t/model/x"], "4 of 44"),
+        (["Reverted 3 operations to the floating-point precision"], "none"),
+    ],
+)  # fmt: skip
+def test_nncf_report_of_reverted_operations(messages, expected):
+    import logging
+
+    report = checks._NncfReport()
+    for text in messages:
+        report.emit(logging.LogRecord("nncf", logging.INFO, __file__, 1, text, None, None))
+    assert report.reverted == expected
+
+
+@pytest.mark.parametrize(
+    "stem, runtime, tmp, name, files",
+    [
+        ("fold0", "onnxruntime", False, "fold0.int8.onnx", ["fold0.int8.onnx"]),
+        ("fold3", "openvino", False, "fold3.int8-ov.xml", ["fold3.int8-ov.xml", "fold3.int8-ov.bin"]),
+        ("full", "openvino", True, ".full.int8-ov.tmp.xml", [".full.int8-ov.tmp.xml",
+                                                             ".full.int8-ov.tmp.bin"]),
+    ],
+)  # fmt: skip
+def test_int8_file_names(stem, runtime, tmp, name, files):
+    assert checks.int8_name(stem, runtime, tmp) == name
+    assert [p.name for p in checks.int8_files(Path(name))] == files
 
 
 def test_update_keeps_an_up_to_date_export_and_redoes_a_stale_one(world, copy_world):

@@ -103,7 +103,12 @@ def _fresh_export(root: Path) -> Path:
 def test_export_writes_checked_models_and_a_manifest(trained):
     folder = _fresh_export(trained)
     manifest = ex.check_export(folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["fold0.onnx", "fold1.onnx", MANIFEST]
+    int8 = [name for record in manifest["int8"].values() if record["passed"]
+            for row in record["folds"] for name in row["digests"]]  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["fold0.onnx", "fold1.onnx", MANIFEST, *int8]
+    )
+    assert set(manifest["int8"]) == {"onnxruntime", "openvino"}
     assert manifest["exp"] == EXP and manifest["family"] == "smp" and manifest["opset"] >= 17
     assert manifest["input"]["channels"] == 3 and manifest["input"]["size"] == 64
     assert manifest["tta"] == ["hflip"]

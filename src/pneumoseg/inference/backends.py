@@ -190,7 +190,7 @@ def _require(runtime: str, precision: str, exports) -> None:
             raise ConfigError(BF16_REFUSED.format(cpu=cpu.describe()))
     if precision == "int8":
         for folder, manifest in exports.values():
-            check_int8(folder, manifest)
+            check_int8(folder, manifest, runtime)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ class ExportEngine:
         for exp, weight in blend_members(cfg):
             folder, manifest = plan.exports[exp]
             rows = select_folds(manifest, cfg, folder)
-            files = _files(folder, manifest, rows, plan.precision)
+            files = _files(folder, manifest, rows, plan)
             head = {"head": manifest.get("head", "probs"),
                     "min_score": float(manifest.get("min_score", 0.0))}  # fmt: skip
             for row, path in zip(rows, files, strict=True):
@@ -237,10 +237,10 @@ class ExportEngine:
         return []
 
 
-def _files(folder: Path, manifest: Mapping, rows: list[dict], precision: str) -> list[Path]:
-    if precision != "int8":
+def _files(folder: Path, manifest: Mapping, rows: list[dict], plan: Plan) -> list[Path]:
+    if plan.precision != "int8":
         return [folder / r["file"] for r in rows]
-    by_stem = {p.name.split(".")[0]: p for p in check_int8(folder, manifest)}
+    by_stem = {p.name.split(".")[0]: p for p in check_int8(folder, manifest, plan.backend)}
     return [by_stem[r["file"].split(".")[0]] for r in rows]
 
 

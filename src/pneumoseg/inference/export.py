@@ -7,7 +7,8 @@
                        image-level probability (N, 1) with an aux head); opset 17, dynamic N, H, W.
                        A detector (Mask R-CNN) takes one image and gives its masks and scores:
                        the probability map is made outside the graph (``head: detections``)
-    fold<k>.int8.onnx  the int8 model (:mod:`.export_checks`), only if it passed its check
+    fold<k>.int8.onnx  ONNX Runtime's int8 model (:mod:`.export_checks`), if it passed its check
+    fold<k>.int8-ov.xml, .bin  OpenVINO's int8 model (NNCF), if it passed its check
     manifest.json      family, head, input channels and size, normalisation, the experiment's TTA
                        views and post-processing, per fold the digests (first 16 hex digits of
                        SHA-256, as tunings record) of the model.pt it was made from and of the
@@ -40,6 +41,7 @@ from pneumoseg.errors import DataError, OutputExistsError
 from pneumoseg.inference import export_checks as checks
 from pneumoseg.inference.exported import (  # noqa: F401 - the reading side, re-exported
     EXPORT_DIR,
+    FORMAT,
     MANIFEST,
     PARITY_TOL,
     ExportError,
@@ -196,64 +198,86 @@ def _export_one(
     folder.mkdir(parents=True, exist_ok=True)
     stems = [m.path.parent.name for m in members]
     fp32 = [(folder / f".{k}.tmp.onnx", folder / f"{k}.onnx") for k in stems]
-    int8 = [(folder / f".{k}.int8.tmp.onnx", folder / f"{k}.int8.onnx") for k in stems]
+    int8 = {rt: [(folder / checks.int8_name(k, rt, tmp=True), folder / checks.int8_name(k, rt))
+                 for k in stems] for rt in checks.int8_runtimes()}  # fmt: skip
     try:
         x = normalize(images[:N_CHECK], in_ch)
         rows = [_export_member(fam, m, x, tmp, final.name)
                 for m, (tmp, final) in zip(members, fp32, strict=True)]  # fmt: skip
-        record = (_int8(fp32, int8, images, in_ch) if fam.name not in DETECTORS else
-                  {"made": False, "why": "not tried for detectors", "calibration_images": 0})  # fmt: skip
+        threshold = _threshold(cfg, exp)
+        records = (_int8(fp32, int8, images, in_ch, threshold) if fam.name not in DETECTORS else
+                   {rt: {"made": False, "why": "not tried for detectors", "calibration_images": 0}
+                    for rt in int8})  # fmt: skip
         head = _head(fam, members[0])
-        runtimes = _check_runtimes(cfg, exp, members, fp32, int8 if record["made"] else [],
-                                   images[: checks.N_AGREE], in_ch, head)  # fmt: skip
-        record["passed"] = any(r["passed"] for r in runtimes["measured"]
-                               if r["precision"] == "int8" and r["runtime"] != "torch")  # fmt: skip
-        keep = [*fp32, *(int8 if record["passed"] else [])]
+        made = {rt: [t for t, _ in int8[rt]] for rt, r in records.items() if r["made"]}
+        runtimes = _check_runtimes(cfg, members, fp32, made, images[: checks.N_AGREE], in_ch,
+                                   head, threshold)  # fmt: skip
+        for rt, record in records.items():
+            record["passed"] = any(r["passed"] for r in runtimes["measured"]
+                                   if r["precision"] == "int8" and r["runtime"] == rt)  # fmt: skip
+        keep = [*fp32, *(pair for rt, r in records.items() if r["passed"] for pair in int8[rt])]
         manifest = {**_manifest(cfg, exp, fam.name, in_ch, rows), **head, "runtimes": runtimes,
-                    "int8": _int8_rows(record, int8, stems)}  # fmt: skip
-        for tmp, final in keep:
-            tmp.replace(final)
-        for _, final in int8 if not record["passed"] else []:
-            final.unlink(missing_ok=True)  # an int8 of an earlier export that no longer holds
+                    "int8": {rt: _int8_rows(rt, r, int8[rt]) for rt, r in records.items()}}  # fmt: skip
+        _replace(keep, [pair for rt, r in records.items() if not r["passed"] for pair in int8[rt]])
         _write_manifest(folder / MANIFEST, manifest)
     finally:
-        for tmp, _ in [*fp32, *int8]:
-            tmp.unlink(missing_ok=True)
+        for tmp, _ in [*fp32, *(pair for pairs in int8.values() for pair in pairs)]:
+            for f in checks.int8_files(tmp):
+                f.unlink(missing_ok=True)
     log.info("exported %s: %d fold model(s) to %s, max |Δp| %.2g; int8 %s", exp, len(rows),
              folder, max(r["max_abs_dp"] for r in rows),
-             "kept" if record["passed"] else f"not kept ({record['why']})")  # fmt: skip
+             "; ".join(f"{rt} " + ("kept" if r["passed"] else f"not kept ({r['why']})")
+                       for rt, r in records.items()))  # fmt: skip
     return ExportResult(exp, folder, manifest, [final for _, final in keep])
 
 
-def _int8(fp32: list, int8: list, images: np.ndarray, in_ch: int) -> dict:
-    """Quantize every fold model to int8, calibrated on the cached images after the check
-    images (all of them when the cache is smaller). A failure is recorded, not raised: int8 is
-    an option, fp32 is the export."""
+def _replace(keep: list, drop: list) -> None:
+    """Rename the kept temporary files into place (an OpenVINO IR with its ``.bin``) and remove
+    the int8 models of an earlier export that no longer hold."""
+    for tmp, final in keep:
+        for t, f in zip(checks.int8_files(tmp), checks.int8_files(final), strict=True):
+            t.replace(f)
+    for _, final in drop:
+        for f in checks.int8_files(final):
+            f.unlink(missing_ok=True)
+
+
+def _int8(fp32: list, int8: dict, images: np.ndarray, in_ch: int, threshold: float) -> dict:
+    """Quantize every fold model to int8 for each runtime, calibrated on the cached images after
+    the check images (all of them when the cache is smaller). A failure is recorded, not raised:
+    int8 is an option, fp32 is the export."""
     from pneumoseg.data.dataset import normalize
 
     calib = images[checks.N_AGREE :] if len(images) > checks.N_AGREE else images
     x = normalize(calib, in_ch).numpy()
-    try:
-        for (src, _), (dst, _) in zip(fp32, int8, strict=True):
-            checks.quantize_int8(src, dst, x)
-    except Exception as e:
-        log.warning("int8 quantization failed (%s): exported in fp32 only", type(e).__name__)
-        return {"made": False, "why": f"quantization failed ({type(e).__name__})",
-                "calibration_images": len(calib)}  # fmt: skip
-    return {"made": True, "why": "its masks disagree with fp32 (see runtimes)",
-            "calibration_images": len(calib)}  # fmt: skip
+    out = {}
+    for runtime, why_not in checks.int8_runtimes().items():
+        record = {"made": False, "why": why_not, "calibration_images": len(calib)}
+        if why_not is None:
+            try:
+                notes = [checks.quantize(runtime, src, dst, x, threshold)
+                         for (src, _), (dst, _) in zip(fp32, int8[runtime], strict=True)]  # fmt: skip
+                record.update(made=True, why="its masks disagree with fp32 (see runtimes)",
+                              notes=notes)  # fmt: skip
+            except Exception as e:  # any failure of a quantizer leaves the fp32 export good
+                log.warning("%s int8 quantization failed (%s): not made", runtime,
+                            type(e).__name__)  # fmt: skip
+                record["why"] = f"quantization failed ({type(e).__name__})"
+        out[runtime] = record
+    return out
 
 
-def _int8_rows(record: dict, int8: list, stems: list[str]) -> dict:
-    out = {"passed": record["passed"], "min_dice": checks.MIN_DICE,
+def _int8_rows(runtime: str, record: dict, pairs: list) -> dict:
+    out = {"passed": record.get("passed", False), "min_dice": checks.MIN_DICE,
            "calibration_images": record["calibration_images"],
-           "method": "onnxruntime static quantization, QDQ, per-channel int8 weights, uint8 "
-                     "activations, MinMax"}  # fmt: skip
-    if not record["passed"]:
+           "method": checks.INT8_METHODS[runtime]}  # fmt: skip
+    if not out["passed"]:
         out["why"] = record["why"]
         return out
-    out["folds"] = [{"file": final.name, "onnx_digest": file_digest(tmp)}
-                    for (tmp, final), _ in zip(int8, stems, strict=True)]  # fmt: skip
+    out["folds"] = [{"file": final.name, **note,
+                     "digests": {f.name: file_digest(t) for t, f in
+                                 zip(checks.int8_files(tmp), checks.int8_files(final), strict=True)}}
+                    for (tmp, final), note in zip(pairs, record["notes"], strict=True)]  # fmt: skip
     return out
 
 
@@ -264,12 +288,16 @@ def _head(fam: Any, member: Any) -> dict:
     return {"head": "probs"}
 
 
-def _check_runtimes(cfg, exp, members, fp32, int8, images, in_ch, head) -> dict:
-    """Time and compare every runtime × precision on this CPU (:mod:`.export_checks`)."""
+def _threshold(cfg: Mapping[str, Any], exp: str) -> float:
+    """The experiment's tuned pixel threshold (0.5 before it is tuned): masks are compared there."""
     from pneumoseg.postprocessing.postprocess import load_params, pixel_threshold
 
     post = Path(str(cfg["train"]["out_dir"])) / exp / "postprocess.yaml"
-    threshold = pixel_threshold(load_params(post)) if post.is_file() else 0.5
+    return pixel_threshold(load_params(post)) if post.is_file() else 0.5
+
+
+def _check_runtimes(cfg, members, fp32, int8, images, in_ch, head, threshold) -> dict:
+    """Time and compare every runtime × precision on this CPU (:mod:`.export_checks`)."""
     tta = list(cfg["predict"].get("tta") or [])
     threads = cfg["predict"].get("threads")
     before = torch.get_num_threads()
@@ -277,7 +305,7 @@ def _check_runtimes(cfg, exp, members, fp32, int8, images, in_ch, head) -> dict:
         torch.set_num_threads(int(threads))
     try:
         rows, ref = checks.torch_rows(members, images, tta, cfg["predict"]["amp"], threshold)
-        files = {"fp32": [t for t, _ in fp32], "int8": [t for t, _ in int8]}
+        files = {"fp32": [t for t, _ in fp32], "int8": int8}
         weights = [m.weight for m in members]
         return checks.check_runtimes(files, weights, in_ch, images, tta, threshold, rows, ref,
                                      threads, head)  # fmt: skip
@@ -367,7 +395,7 @@ def _manifest(cfg: Mapping[str, Any], exp: str, family: str, in_ch: int, rows: l
     std = list(_STD) if in_ch == 3 else [float(np.mean(_STD))]
     norm = {"scale": 1 / 255, "mean": mean, "std": std}
     return {
-        "format": 1,
+        "format": FORMAT,
         "exp": exp,
         "family": family,
         "opset": OPSET,

@@ -12,9 +12,10 @@ install without the training stack predicts with it. The same arithmetic as the 
   like ``F.interpolate(align_corners=False)``);
 * the weighted mean over members and views, then the resize back to each image's original size.
 
-Precisions: ``fp32`` (``fold<k>.onnx``), ``int8`` (``fold<k>.int8.onnx``: the QDQ model
-``src/export.py`` calibrated; both runtimes run it in int8) and ``bf16`` (OpenVINO only, on CPUs
-with native bf16: the fp32 model compiled with ``INFERENCE_PRECISION_HINT=bf16``).
+Precisions: ``fp32`` (``fold<k>.onnx``), ``int8`` (the models ``src/export.py`` calibrated:
+``fold<k>.int8.onnx``, ONNX Runtime's QDQ model, and ``fold<k>.int8-ov.xml``, NNCF's OpenVINO IR)
+and ``bf16`` (OpenVINO only, on CPUs with native bf16: the fp32 model compiled with
+``INFERENCE_PRECISION_HINT=bf16``).
 """
 
 from __future__ import annotations
@@ -96,8 +97,9 @@ class OrtSession:
 
 
 class OvSession:
-    """One ``.onnx`` compiled by OpenVINO for the CPU at ``precision``; one infer request per
-    thread (a request is not thread-safe, the compiled model is)."""
+    """One ``.onnx`` (or OpenVINO IR ``.xml``, its ``.bin`` beside it) compiled by OpenVINO for
+    the CPU at ``precision``; one infer request per thread (a request is not thread-safe, the
+    compiled model is)."""
 
     def __init__(self, path: Path, threads: int | None = None, precision: str = "fp32"):
         import openvino as ov
