@@ -44,7 +44,10 @@ log = logging.getLogger("pneumoseg.predict")
 # benchmarks/bench_runtime.py on the README's CPU (ResNet34 U-Net at 512 × hflip, 2 threads): the
 # fastest exported runtime that passed its checks against torch as predict.py ran it before
 # exports existed. Quoted in the one log line that suggests exporting, never used to choose.
-BENCH_SPEEDUP = "1.7-1.8x (ONNX Runtime int8 against torch bf16 autocast, 2-core AMD EPYC)"
+BENCH_SPEEDUP = (
+    "1.8x (ResNet34 U-Net at 512, ONNX Runtime int8) to 2.5x (the trained demo, OpenVINO int8) "
+    "against torch bf16 autocast, 2-core AMD EPYC"
+)
 BF16_REFUSED = (
     "predict.precision: bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX); this one "
     "({cpu}) would emulate it, slower than fp32. Use fp32 or int8"
