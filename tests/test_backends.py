@@ -228,9 +228,10 @@ def test_corrupt_onnx_with_a_forged_digest_is_a_clean_error(world, copy_world):
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["folds"][0]["onnx_digest"] = file_digest(onnx)
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    for backend in ("onnxruntime", "openvino"):
+    for backend in ("onnxruntime", "openvino"):  # fp32: the damaged file (auto may pick int8)
         code, out = run_cli("predict", "--config", DEMO, "--submission",
-                            *_over_copy(world, copy_world, f"predict.backend={backend}"))  # fmt: skip
+                            *_over_copy(world, copy_world, f"predict.backend={backend}",
+                                        "predict.precision=fp32"))  # fmt: skip
         assert code == 2 and "cannot load it" in out and "Traceback" not in out, out
 
 
@@ -323,6 +324,21 @@ def test_int8_for_one_runtime_only(world, copy_world, monkeypatch, why):
     assert code == 0 and "runtime: onnxruntime int8" in out, out
 
 
+def _truncate_with_forged_digest(name: str):
+    """A damage: the file cut short, and the manifest's digest forged to match it."""
+
+    def damage(folder: Path, manifest: dict) -> None:
+        from pneumoseg.tuning.provenance import file_digest
+
+        path = folder / name
+        path.write_bytes(path.read_bytes()[:3000])
+        for row in manifest["int8"]["openvino"]["folds"]:
+            if name in row["digests"]:
+                row["digests"][name] = file_digest(path)
+
+    return damage
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
@@ -335,6 +351,8 @@ def test_int8_for_one_runtime_only(world, copy_world, monkeypatch, why):
          "manifest.json is damaged"),
         (lambda f, m: m["int8"].update(openvino=["passed"]), "no int8 model for openvino passed"),
         (lambda f, m: m["int8"]["openvino"].pop("folds"), "manifest.json is damaged"),
+        (_truncate_with_forged_digest("fold0.int8-ov.bin"), "OpenVINO cannot load it"),
+        (_truncate_with_forged_digest("fold1.int8-ov.xml"), "OpenVINO cannot load it"),
     ],
 )  # fmt: skip
 def test_damaged_openvino_int8_is_a_clean_error(world, int8_world, tmp_path, damage, message):
