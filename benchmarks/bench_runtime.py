@@ -36,6 +36,7 @@ ratios several-fold.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -80,15 +81,15 @@ def rows_table(setup: str, rows: list[dict]) -> list[dict]:
     return out
 
 
-def r34_setup(tmp: Path, folds: int, images: np.ndarray, threads: int) -> list[dict]:
+def r34_setup(tmp: Path, folds: int, images: np.ndarray, threads: int) -> tuple[list, str]:
     argv = untrained_experiment(tmp / f"r34x{folds}", folds)
     over = [a for a in argv[2:]] + [f"predict.threads={threads}", "predict.amp=auto"]
     cfg = load_config(REPO / "configs" / "r34_unet_512.yaml", over)
     (result,) = export_experiments(cfg, force=True, images=images)
-    return int8_note(f"r34 x{folds}", result.manifest)
+    return measured(f"r34 x{folds}", result.manifest)
 
 
-def demo_setup(tmp: Path, threads: int) -> list[dict] | None:
+def demo_setup(tmp: Path, threads: int) -> tuple[list, str] | None:
     src = REPO / "runs" / "demo"
     if not list(src.glob("fold*/model.pt")):
         print("demo: no runs/demo models (run `make demo` first): skipped")
@@ -98,23 +99,20 @@ def demo_setup(tmp: Path, threads: int) -> list[dict] | None:
     over = [f"train.out_dir={runs}", f"predict.threads={threads}", "predict.amp=auto"]
     cfg = load_config(REPO / "configs" / "demo.yaml", over)
     (result,) = export_experiments(cfg, force=True)
-    return int8_note("demo", result.manifest)
+    return measured("demo", result.manifest)
 
 
-NOTES: list[str] = []
-
-
-def int8_note(setup: str, manifest: dict) -> list[dict]:
-    """The measured rows; what NNCF's accuracy control put back in fp32 is kept for the end."""
+def measured(setup: str, manifest: dict) -> tuple[list[dict], str]:
+    """The rows the export measured, and what NNCF's accuracy control put back in fp32."""
     ov = manifest["int8"].get("openvino", {})
     reverted = ", ".join(r.get("reverted", "?") for r in ov.get("folds", [])) or ov.get("why")
-    NOTES.append(f"  {setup}: OpenVINO int8 operations back in fp32 per fold: {reverted}")
-    return manifest["runtimes"]["measured"]
+    note = f"  {setup}: OpenVINO int8 operations back in fp32 per fold: {reverted}"
+    return manifest["runtimes"]["measured"], note
 
 
-def summary(tables: dict[str, list[dict]]) -> None:
+def summary(tables: dict[str, list[dict]], notes: list[str]) -> None:
     print("\nint8 (NNCF accuracy control, calibration masks vs fp32 at Dice >= 0.995):")
-    print("\n".join(NOTES))
+    print("\n".join(notes))
     print("\ntargets:")
     for setup, rows in tables.items():
         if setup == "demo":
@@ -158,16 +156,17 @@ def main() -> None:
           f"{openvino.__version__}")  # fmt: skip
     images = real_images(args.images, args.n_images, 512)
     print(HEAD)
-    tables = {}
+    tables, notes = {}, []
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
-        if not args.no_demo:
-            rows = demo_setup(Path(tmp), args.threads)
-            if rows:
-                tables["demo"] = rows_table("demo", rows)
-        for k in args.folds:
-            tables[f"r34 x{k}"] = rows_table(f"r34 x{k}", r34_setup(Path(tmp), k, images,
-                                                                   args.threads))  # fmt: skip
-    summary(tables)
+        setups = [] if args.no_demo else [("demo", lambda: demo_setup(Path(tmp), args.threads))]
+        setups += [(f"r34 x{k}", functools.partial(r34_setup, Path(tmp), k, images, args.threads))
+                   for k in args.folds]  # fmt: skip
+        for setup, measure in setups:  # one at a time: each row of a table is timed alone
+            result = measure()
+            if result is not None:
+                tables[setup] = rows_table(setup, result[0])
+                notes.append(result[1])
+    summary(tables, notes)
 
 
 if __name__ == "__main__":

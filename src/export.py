@@ -6,11 +6,12 @@ Every fold model of each experiment the config predicts (``predict.experiments``
 selection's ``ensemble.yaml``, else ``exp``) -> ``runs/<exp>/export/fold<k>.onnx`` and a
 ``manifest.json`` (family, input, normalisation, TTA, post-processing, a SHA-256 digest of
 each source ``model.pt``). An export is kept only if ONNX Runtime matches torch fp32 within max
-|Δp| 1e-4 on cached training images of the experiment. An int8 model is calibrated on the cached
+|Δp| 1e-4 on cached training images of the experiment. For each runtime in ``export.int8`` (both by
+default; ``export.int8=[]`` for fp32 alone, in seconds) an int8 model is calibrated on the cached
 images and kept only if its masks agree with fp32 (Dice >= 0.99); every runtime x precision this CPU
 offers is timed and checked, and ``predict.backend: auto`` then picks the fastest that passed.
 A family that cannot be exported is refused by name. ``--update`` exports only what is missing or
-stale.
+stale (or has no int8 model that ``export.int8`` now asks for).
 Exit status: 0 ok; 2 a user error, with a message saying what to do.
 """
 

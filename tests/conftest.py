@@ -17,6 +17,18 @@ def real_dir() -> Path:
     return REAL
 
 
+def real_xrays(real_dir: Path, n: int, size: int = 64):
+    """The first ``n`` real SIIM training DICOMs decoded and resized: uint8 (n, size, size)."""
+    import numpy as np
+
+    from pneumoseg.data.intake import read_image
+    from pneumoseg.data.resize import resize_image
+
+    files = sorted((real_dir / "train_extract").glob("*.dcm"))[:n]
+    assert len(files) == n, f"{real_dir}: {len(files)} training DICOMs, {n} needed"
+    return np.stack([resize_image(read_image(f), size) for f in files])
+
+
 # configs/demo.yaml made tiny (64 px, 2 folds of one step): the demo's logic, not its numbers.
 # Merged section by section over the demo config (tests/test_no_data_loss.py, test_python_api.py).
 TINY_DEMO = {

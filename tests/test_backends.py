@@ -60,8 +60,9 @@ def _set_threshold_in_a_gap(root: Path) -> None:
 
 
 def _over(root: Path, *extra: str) -> list[str]:
+    # OpenVINO's int8 (NNCF's accuracy control: minutes per export) only where a test asks for it
     return [*tiny_overrides(root), f"exp={EXP}", "train.epochs=1", "train.top_k=1",
-            f"predict.out_dir={root / 'subs'}", *extra]  # fmt: skip
+            f"predict.out_dir={root / 'subs'}", "export.int8=[onnxruntime]", *extra]  # fmt: skip
 
 
 def _manifest(root: Path) -> dict:
@@ -169,11 +170,22 @@ def test_bf16_refused_on_a_cpu_without_it(world, monkeypatch):
         ("predict.threads=-2", "predict.threads: must be a whole number"),
         ("predict.backend=torch predict.precision=int8", "int8 runs on exported models only"),
         ("predict.backend=onnxruntime predict.precision=bf16", "ONNX Runtime has no bf16"),
+        ("export.int8=[tensorrt]", "export.int8: unknown value 'tensorrt'; valid: onnxruntime, "
+                                   "openvino"),
+        ("export.int8=[openvino,openvino]", "export.int8: ['openvino', 'openvino'] names a "
+                                            "runtime twice"),
+        ("export.int8=[1]", "export.int8: must be a list of runtime names"),
+        ("export.int8=[[openvino]]", "export.int8: must be a list of runtime names"),
+        ("export.int8=openvino", "'export.int8' must be list"),
+        ("export.int8=null", "'export.int8' must be list"),
+        ("export.int9=[]", "export.int9"),
     ],
 )  # fmt: skip
-def test_bad_runtime_options_are_config_errors(tmp_path, override, message):
-    code, out = run_cli("predict", "--config", DEMO, "--submission",
-                        f"train.out_dir={tmp_path}", *override.split())  # fmt: skip
+@pytest.mark.parametrize("script", ["predict", "export"])
+def test_bad_runtime_options_are_config_errors(tmp_path, override, message, script):
+    args = ["--submission"] if script == "predict" else ["--force"]
+    code, out = run_cli(script, "--config", DEMO, *args, f"train.out_dir={tmp_path}",
+                        *override.split())  # fmt: skip
     assert code == 2 and message in out, out
     assert not any(tmp_path.iterdir())
 
@@ -237,7 +249,7 @@ def test_corrupt_onnx_with_a_forged_digest_is_a_clean_error(world, copy_world):
 
 def test_int8_that_fails_its_check_is_not_kept(world, copy_world, monkeypatch):
     monkeypatch.setattr(checks, "MIN_DICE", 1.01)  # no int8 can agree this well
-    over = _over_copy(world, copy_world)
+    over = _over_copy(world, copy_world, "export.int8=[onnxruntime,openvino]")
     code, out = run_cli("export", "--config", DEMO, "--force", *over)
     assert code == 0, out
     folder = copy_world / "runs" / EXP / "export"
@@ -262,7 +274,8 @@ def int8_world(world, tmp_path_factory) -> Path:
                     ignore=shutil.ignore_patterns("last.pt", "checkpoints"))  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(checks, "MIN_DICE", 0.0)
-        code, out = run_cli("export", "--config", DEMO, "--force", *_over_copy(world, root))
+        code, out = run_cli("export", "--config", DEMO, "--force",
+                            *_over_copy(world, root, "export.int8=[onnxruntime,openvino]"))  # fmt: skip
     assert code == 0, out
     return root
 
@@ -305,7 +318,7 @@ def test_int8_for_one_runtime_only(world, copy_world, monkeypatch, why):
 
         monkeypatch.setattr(checks, "quantize", fails)
         expect = "quantization failed (RuntimeError)"
-    over = _over_copy(world, copy_world)
+    over = _over_copy(world, copy_world, "export.int8=[onnxruntime,openvino]")
     code, out = run_cli("export", "--config", DEMO, "--force", *over)
     assert code == 0, out
     folder = copy_world / "runs" / EXP / "export"
@@ -431,6 +444,40 @@ def test_update_keeps_an_up_to_date_export_and_redoes_a_stale_one(world, copy_wo
     with pytest.raises(SystemExit) as e:  # argparse: --update and --force together
         run_cli("export", "--config", DEMO, "--update", "--force", *over)
     assert e.value.code == 2
+
+
+def test_export_without_int8_then_update_adds_it(world, copy_world, monkeypatch):
+    """export.int8=[]: an fp32-only export (no int8 file, both records say why), int8 refused by
+    name, auto runs fp32; --update with int8 asked for again exports it again, and keeps an
+    export whose int8 is no longer asked for."""
+    folder = copy_world / "runs" / EXP / "export"
+    over = _over_copy(world, copy_world)
+    code, out = run_cli("export", "--config", DEMO, "--force", *over, "export.int8=[]")
+    assert code == 0, out
+    manifest = _manifest(copy_world)
+    assert not [p for p in folder.iterdir() if ".int8" in p.name or p.name.startswith(".")]
+    for runtime in ("onnxruntime", "openvino"):
+        assert manifest["int8"][runtime] == {**manifest["int8"][runtime], "passed": False,
+                                             "why": "not asked for (export.int8)"}  # fmt: skip
+        assert (runtime, "int8") not in {(r["runtime"], r["precision"])
+                                         for r in manifest["runtimes"]["measured"]}  # fmt: skip
+        code, out = run_cli("predict", "--config", DEMO, "--submission", *over,
+                            f"predict.backend={runtime}", "predict.precision=int8")  # fmt: skip
+        assert code == 2 and "not asked for (export.int8)" in out, out
+    code, out = run_cli("predict", "--config", DEMO, "--submission", *over)
+    assert code == 0 and "int8" not in out.split("runtime:")[1].splitlines()[0], out
+    code, out = run_cli("export", "--config", DEMO, "--update", *over, "export.int8=[]")
+    assert code == 0 and "is up to date" in out, out
+    monkeypatch.setattr(checks, "MIN_DICE", 0.0)  # kept whatever its agreement
+    code, out = run_cli("export", "--config", DEMO, "--update", *over, "export.int8=[onnxruntime]")
+    assert code == 0 and "has no int8 model for onnxruntime" in out, out
+    manifest = _manifest(copy_world)
+    assert manifest["int8"]["onnxruntime"]["passed"] is True
+    assert manifest["int8"]["openvino"]["why"] == "not asked for (export.int8)"
+    assert sorted(p.name for p in folder.glob("*int8*")) == ["fold0.int8.onnx", "fold1.int8.onnx"]
+    code, out = run_cli("export", "--config", DEMO, "--update", *over, "export.int8=[]")
+    assert code == 0 and "is up to date" in out, out
+    assert len(list(folder.glob("*int8*"))) == 2
 
 
 def test_threads_reach_the_runtime_and_health(world):

@@ -28,7 +28,8 @@ FAMILIES = {
 def _over(root, family: str, exp: str) -> list[str]:
     return [*tiny_overrides(root), *FAMILIES[family], f"exp={exp}", "model.encoder_weights=null",
             "tune.folds=[0]", "predict.folds=[0]", f"predict.out_dir={root / 'subs'}",
-            "train.epochs=2", "train.max_steps_per_epoch=2"]  # fmt: skip
+            "train.epochs=2", "train.max_steps_per_epoch=2",
+            "export.int8=[onnxruntime]"]  # fmt: skip  # NNCF takes minutes; see test_backends
 
 
 def _ok(script: str, *args: str) -> str:

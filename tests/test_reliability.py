@@ -620,3 +620,56 @@ def test_a_second_cache_build_waits_for_the_first_then_reuses_it(tiny_data, tmp_
     assert result["c"].last_build["processed"] == 6
     assert build_cache(cfg, "test").last_build["skipped"] == 6  # the next one reuses it
     assert not lock_file_for(path).exists()
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))  # an old file
+    path.write_bytes(data)  # in place: same inode
+
+
+@pytest.mark.parametrize(
+    "change, rehashed",
+    [
+        (lambda p: None, False),  # untouched: remembered
+        (lambda p: _rewrite(p, b"B" * 4096), True),  # same size, same inode, in place
+        (lambda p: (_rewrite(p, b"B" * 4096), os.utime(p, ns=(1_000_000_000,) * 2)), True),  # forged mtime: ctime moved
+        (lambda p: _rewrite(p, b"A" * 4095), True),  # another size
+        (lambda p: (p.with_name("new").write_bytes(b"B" * 4096), p.with_name("new").replace(p)), True),  # renamed over
+        (lambda p: os.utime(p, ns=(5_000_000_000, 5_000_000_000)), True),  # touched: hashed again
+    ],
+)  # fmt: skip
+def test_file_digest_is_remembered_only_while_the_file_is_unchanged(tmp_path, monkeypatch,
+                                                                   change, rehashed):  # fmt: skip
+    """Predictor starts check the same model files again: a digest is remembered by the file's
+    stat, so a file changed in any way (rewritten in place with its old size and mtime included)
+    is hashed again and a stale model is still seen."""
+    from pneumoseg.tuning import provenance
+
+    monkeypatch.setattr(provenance, "_DIGESTS", {})
+    monkeypatch.setattr(provenance, "_SETTLED_NS", 0)  # files here are seconds old at most
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"A" * 4096)
+    assert provenance.file_digest(path) == hashlib.sha256(b"A" * 4096).hexdigest()[:16]
+    time.sleep(0.02)  # past the kernel clock's tick, as any real rewrite is
+    change(path)
+    opened = []
+    monkeypatch.setattr("builtins.open", lambda *a, **k: opened.append(a) or _OPEN(*a, **k))
+    assert provenance.file_digest(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert bool(opened) == rehashed
+
+
+_OPEN = open
+
+
+def test_a_freshly_written_file_is_not_remembered(tmp_path, monkeypatch):
+    """Racy files (written within the last 2 s, the window the kernel's coarse clock could hide an
+    in-place rewrite in) are hashed every time, as git re-checks racily clean files."""
+    from pneumoseg.tuning import provenance
+
+    monkeypatch.setattr(provenance, "_DIGESTS", {})
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"A" * 64)
+    first = provenance.file_digest(path)
+    path.write_bytes(b"B" * 64)  # possibly within the same clock tick: same size, same stat
+    assert provenance.file_digest(path) != first
+    assert provenance._DIGESTS == {}

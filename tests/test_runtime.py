@@ -16,6 +16,8 @@ from pneumoseg.inference.ensemble import Member, _resize, predict_probs
 from pneumoseg.models.families import family_for
 from pneumoseg.models.registry import build_model
 
+from conftest import real_xrays
+
 
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_normalize_np_is_the_training_normalisation(in_channels):
@@ -79,12 +81,8 @@ def test_cpu_key_changes_with_the_flags(monkeypatch):
 @pytest.fixture(scope="module")
 def exported(real_dir, tmp_path_factory):
     """Two tiny fold models (one with an aux head, one channel) exported, and real X-rays."""
-    from pneumoseg.data.intake import read_image
-    from pneumoseg.data.resize import resize_image
-
     tmp = tmp_path_factory.mktemp("rt")
-    files = sorted((real_dir / "train_extract").glob("*.dcm"))[:3]
-    images = np.stack([resize_image(read_image(f), 64) for f in files])
+    images = real_xrays(real_dir, 2)
     out = []
     for k, over in enumerate([{"arch": "unet", "encoder": "resnet18", "encoder_weights": None,
                                "decoder_channels": [16, 8, 8, 8, 8]},
@@ -147,9 +145,6 @@ MASKRCNN = {"arch": "maskrcnn", "encoder": "resnet18", "encoder_weights": None, 
 
 @pytest.fixture(scope="module")
 def detector(real_dir, tmp_path_factory):
-    from pneumoseg.data.intake import read_image
-    from pneumoseg.data.resize import resize_image
-
     tmp = tmp_path_factory.mktemp("det")
     torch.manual_seed(0)
     mcfg = {**_model_cfg(MASKRCNN), "input_size": 64}
@@ -157,8 +152,7 @@ def detector(real_dir, tmp_path_factory):
     member = type("M", (), {"model": model, "path": tmp / "fold0" / "model.pt"})
     member.path.parent.mkdir()
     torch.save(model.state_dict(), member.path)
-    files = sorted((real_dir / "train_extract").glob("*.dcm"))[:3]
-    images = np.stack([resize_image(read_image(f), 64) for f in files])
+    images = real_xrays(real_dir, 2)
     row = ex._export_member(family_for(mcfg), member, normalize(images, 3), tmp / "m.onnx",
                             "fold0.onnx")  # fmt: skip
     return Member(model, 1.0, mcfg), tmp / "m.onnx", images, row

@@ -26,6 +26,7 @@ LAYOUTS = ("siim", "png")
 RLE_FORMATS = ("relative", "absolute")
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")  # predict.backend
 PRECISIONS = ("auto", "fp32", "bf16", "int8")  # predict.precision
+INT8_RUNTIMES = ("onnxruntime", "openvino")  # export.int8
 MAX_THREADS = 1024
 # Size bounds (pixels, images), checked at load so that a typo fails in a second, not after a fold
 # of training when the allocation fails (oof.size=100000 asked for 480 GB). Each leaves every
@@ -394,6 +395,18 @@ def _experiments(items: Any) -> Iterator[str]:
         yield from _num(f"predict.experiments[{i}] weight", weight, lo=0, lo_open=True)
 
 
+def _export(e: Mapping, cfg: Mapping) -> Iterator[str]:
+    runtimes = e["int8"]
+    if not all(isinstance(r, str) for r in runtimes):
+        yield (f"export.int8: must be a list of runtime names ({', '.join(INT8_RUNTIMES)}) or [], "
+               f"got {runtimes!r}")  # fmt: skip
+        return
+    for r in runtimes:
+        yield from _choice("export.int8", r, INT8_RUNTIMES)
+    if len(set(runtimes)) != len(runtimes):
+        yield f"export.int8: {runtimes!r} names a runtime twice"
+
+
 def _serve(s: Mapping, cfg: Mapping) -> Iterator[str]:
     yield from _text("serve.host", s["host"])
     yield from _num("serve.port", s["port"], lo=1, hi=65535)
@@ -430,6 +443,7 @@ _SECTIONS: dict[str, Callable[[Any, Mapping], Iterator[str]]] = {
     "tune": _tune,
     "select": _select,
     "predict": _predict,
+    "export": _export,
     "serve": _serve,
 }
 

@@ -7,8 +7,9 @@
                        image-level probability (N, 1) with an aux head); opset 17, dynamic N, H, W.
                        A detector (Mask R-CNN) takes one image and gives its masks and scores:
                        the probability map is made outside the graph (``head: detections``)
-    fold<k>.int8.onnx  ONNX Runtime's int8 model (:mod:`.export_checks`), if it passed its check
-    fold<k>.int8-ov.xml, .bin  OpenVINO's int8 model (NNCF), if it passed its check
+    fold<k>.int8.onnx  ONNX Runtime's int8 model (:mod:`.export_checks`), if ``export.int8`` asks
+                       for it and it passed its check
+    fold<k>.int8-ov.xml, .bin  OpenVINO's int8 model (NNCF), likewise
     manifest.json      family, head, input channels and size, normalisation, the experiment's TTA
                        views and post-processing, per fold the digests (first 16 hex digits of
                        SHA-256, as tunings record) of the model.pt it was made from and of the
@@ -130,7 +131,7 @@ def export_experiments(
             raise OutputExistsError(f"{folder} is a file: move it away (nothing was written)")
         if folder.exists() and update:
             try:
-                check_export(folder)
+                _up_to_date(folder, cfg["export"]["int8"])
                 log.info("%s: the export in %s is up to date", exp, folder)
                 continue
             except ExportError as e:
@@ -146,6 +147,21 @@ def export_experiments(
         with exclusive(lock_file_for(folder), f"the export of {exp} ({folder})"):
             results.append(_export_one(cfg, exp, folder, images))
     return results
+
+
+NOT_ASKED = "not asked for (export.int8)"
+
+
+def _up_to_date(folder: Path, asked: list[str]) -> None:
+    """An error unless the export in ``folder`` is up to date and has tried the int8 models
+    ``export.int8`` asks for (an fp32-only export is made again when int8 is asked for later;
+    one that has int8 models no longer asked for keeps them)."""
+    manifest = check_export(folder)
+    records = manifest.get("int8") if isinstance(manifest.get("int8"), dict) else {}
+    missing = [rt for rt in asked if (records.get(rt) or {}).get("why") == NOT_ASKED]
+    if missing:
+        raise ExportError(f"{folder} has no int8 model for {', '.join(missing)} (exported "
+                          "without it), which export.int8 asks for")  # fmt: skip
 
 
 def _members_of(cfg: Mapping[str, Any], exp: str) -> list:
@@ -205,7 +221,8 @@ def _export_one(
         rows = [_export_member(fam, m, x, tmp, final.name)
                 for m, (tmp, final) in zip(members, fp32, strict=True)]  # fmt: skip
         threshold = _threshold(cfg, exp)
-        records = (_int8(fp32, int8, images, in_ch, threshold) if fam.name not in DETECTORS else
+        records = (_int8(fp32, int8, images, in_ch, threshold, cfg["export"]["int8"])
+                   if fam.name not in DETECTORS else
                    {rt: {"made": False, "why": "not tried for detectors", "calibration_images": 0}
                     for rt in int8})  # fmt: skip
         head = _head(fam, members[0])
@@ -242,17 +259,20 @@ def _replace(keep: list, drop: list) -> None:
             f.unlink(missing_ok=True)
 
 
-def _int8(fp32: list, int8: dict, images: np.ndarray, in_ch: int, threshold: float) -> dict:
-    """Quantize every fold model to int8 for each runtime, calibrated on the cached images after
-    the check images (all of them when the cache is smaller). A failure is recorded, not raised:
-    int8 is an option, fp32 is the export."""
+def _int8(fp32: list, int8: dict, images: np.ndarray, in_ch: int, threshold: float,
+          asked: list[str]) -> dict:  # fmt: skip
+    """Quantize every fold model to int8 for each runtime ``asked`` for (``export.int8``),
+    calibrated on the cached images after the check images (all of them when the cache is
+    smaller). A failure is recorded, not raised: int8 is an option, fp32 is the export."""
     from pneumoseg.data.dataset import normalize
 
     calib = images[checks.N_AGREE :] if len(images) > checks.N_AGREE else images
     x = normalize(calib, in_ch).numpy()
     out = {}
     for runtime, why_not in checks.int8_runtimes().items():
-        record = {"made": False, "why": why_not, "calibration_images": len(calib)}
+        why_not = why_not if runtime in asked else NOT_ASKED
+        record = {"made": False, "why": why_not,
+                  "calibration_images": len(calib) if why_not is None else 0}  # fmt: skip
         if why_not is None:
             try:
                 notes = [checks.quantize(runtime, src, dst, x, threshold)
