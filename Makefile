@@ -68,15 +68,8 @@ lint: install
 	$(VENV)/bin/lint-imports
 	$(MAKE) --no-print-directory check-notebooks
 
-# Two pytest processes: the tests that run the exported models in ONNX Runtime and OpenVINO go in
-# their own. In one long session with the rest, a later torch test crashed the process (a
-# segfault in test_train.py after the whole suite, every time; never in any subset): the cause
-# is not found, see the README's Known gaps.
-RUNTIME_TESTS := tests/test_backends.py tests/test_runtime.py tests/test_export.py tests/test_families_e2e.py
-
 test: lint
-	$(PY) -m pytest $(addprefix --ignore=,$(RUNTIME_TESTS))
-	$(PY) -m pytest $(RUNTIME_TESTS)
+	$(PY) -m pytest
 
 # What the pre-commit hook runs: the quick tests only.
 fast-test: install

@@ -3,6 +3,7 @@ issue 18.
 
     python benchmarks/bench_runtime.py [--folds 1 5] [--n-images 4] [--threads 2]
                                        [--images ../shared/data/siim-real/stage2_test] [--no-demo]
+                                       [--r34-int8 onnxruntime openvino]
 
 Setups:
 
@@ -19,7 +20,8 @@ OpenVINO's int8 models are NNCF's, with accuracy control: the operations whose i
 agreement go back to fp32 until the calibration images' masks agree with fp32 (Dice >= 0.995);
 how many per fold is printed after the table. For the untrained r34 models, whose probabilities
 sit around 0.5, that agreement (at 0.5) is a demanding, weight-dependent target, so their int8
-speed is that of the model NNCF made for those weights.
+speed is that of the model NNCF made for those weights. ``--r34-int8 onnxruntime`` (the r34
+setups' ``export.int8``) leaves NNCF out there: 8 minutes per untrained 512-px model here.
 
 Every setup runs the export's own runtime check (``pneumoseg.inference.export_checks``): the fold
 ensemble with hflip TTA (each image and its mirror), ``--threads`` threads, median of 3 timed runs
@@ -81,9 +83,11 @@ def rows_table(setup: str, rows: list[dict]) -> list[dict]:
     return out
 
 
-def r34_setup(tmp: Path, folds: int, images: np.ndarray, threads: int) -> tuple[list, str]:
+def r34_setup(tmp: Path, folds: int, images: np.ndarray, threads: int,
+              int8: list[str]) -> tuple[list, str]:  # fmt: skip
     argv = untrained_experiment(tmp / f"r34x{folds}", folds)
-    over = [a for a in argv[2:]] + [f"predict.threads={threads}", "predict.amp=auto"]
+    over = [*argv[2:], f"predict.threads={threads}", "predict.amp=auto",
+            f"export.int8=[{','.join(int8)}]"]  # fmt: skip
     cfg = load_config(REPO / "configs" / "r34_unet_512.yaml", over)
     (result,) = export_experiments(cfg, force=True, images=images)
     return measured(f"r34 x{folds}", result.manifest)
@@ -140,12 +144,14 @@ def summary(tables: dict[str, list[dict]], notes: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--folds", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--folds", type=int, nargs="*", default=[1, 5])
     ap.add_argument("--n-images", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--images", type=Path,
                     default=REPO.parent / "shared" / "data" / "siim-real" / "stage2_test")  # fmt: skip
     ap.add_argument("--no-demo", action="store_true")
+    ap.add_argument("--r34-int8", nargs="*", choices=["onnxruntime", "openvino"],
+                    default=["onnxruntime", "openvino"], help="the r34 setups' export.int8")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import onnxruntime
@@ -159,8 +165,8 @@ def main() -> None:
     tables, notes = {}, []
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
         setups = [] if args.no_demo else [("demo", lambda: demo_setup(Path(tmp), args.threads))]
-        setups += [(f"r34 x{k}", functools.partial(r34_setup, Path(tmp), k, images, args.threads))
-                   for k in args.folds]  # fmt: skip
+        setups += [(f"r34 x{k}", functools.partial(r34_setup, Path(tmp), k, images, args.threads,
+                                                   args.r34_int8)) for k in args.folds]  # fmt: skip
         for setup, measure in setups:  # one at a time: each row of a table is timed alone
             result = measure()
             if result is not None:

@@ -60,9 +60,9 @@ def parse_cpuinfo(text: str) -> tuple[str, set[str]]:
 def _openvino_flags() -> set[str]:
     """bf16 as OpenVINO sees it, where there is no /proc/cpuinfo (macOS, Windows)."""
     try:
-        import openvino as ov
+        from pneumoseg.inference.openvino_core import ov_core
 
-        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        caps = ov_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception:
         return set()
     return {"avx512_bf16"} if "BF16" in caps else set()

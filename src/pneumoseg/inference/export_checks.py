@@ -126,13 +126,39 @@ def quantize_int8_openvino(src: Path, dst: Path, calib: np.ndarray, threshold: f
     """int8 OpenVINO IR ``dst`` (``.xml`` + ``.bin``) of the fp32 model ``src`` by NNCF with
     accuracy control, calibrated on ``calib`` (N, C, H, W) and validated on the same images
     against ``src``'s fp32 masks at ``threshold``; ``{"reverted": "k of n"}`` operations put back
-    in fp32 (as NNCF reports it; ``"none"``)."""
+    in fp32 (as NNCF reports it; ``"none"``). Run in a child process (:mod:`.nncf_quantize`: NNCF's
+    own OpenVINO plugins can break this process's signal handling); its failure is an error."""
+    import json
+    import os
+    import subprocess  # nosec B404  (our own module, fixed argv)
+    import sys
+
+    import pneumoseg
+
+    with tempfile.TemporaryDirectory(prefix=".nncf-", dir=dst.parent) as tmp:
+        np.save(Path(tmp) / "calib.npy", np.ascontiguousarray(calib, dtype=np.float32))
+        result = Path(tmp) / "result.json"
+        path = os.pathsep.join([str(Path(pneumoseg.__file__).parents[1]),
+                                os.environ.get("PYTHONPATH", "")])  # fmt: skip
+        # NNCF_CI: NNCF's switch for its usage telemetry (events to Google Analytics): offline
+        env = {**os.environ, "NNCF_CI": "1", "PYTHONPATH": path}
+        argv = [sys.executable, "-m", "pneumoseg.inference.nncf_quantize", str(src), str(dst),
+                str(Path(tmp) / "calib.npy"), repr(float(threshold)), str(result)]  # fmt: skip
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True)  # nosec B603
+        if proc.returncode != 0 or not result.is_file():
+            log.debug("NNCF's process: %s", proc.stderr[-2000:])
+            raise RuntimeError(f"NNCF's quantization process failed (exit {proc.returncode})")
+        return json.loads(result.read_text(encoding="utf-8"))
+
+
+def quantize_openvino_here(src: Path, dst: Path, calib: np.ndarray, threshold: float) -> dict:
+    """:func:`quantize_int8_openvino` in this process (the child's side)."""
     import os
 
-    # NNCF's switch for its usage telemetry (events to Google Analytics): an export stays offline
-    os.environ.setdefault("NNCF_CI", "1")
+    os.environ.setdefault("NNCF_CI", "1")  # see quantize_int8_openvino
     import nncf
-    import openvino as ov
+
+    from pneumoseg.inference.openvino_core import ov_core
 
     ref = OvSession(src, precision="fp32")
     items = [(calib[i : i + 1], ref.run(calib[i : i + 1])[0]) for i in range(len(calib))]
@@ -147,10 +173,12 @@ def quantize_int8_openvino(src: Path, dst: Path, calib: np.ndarray, threshold: f
     logging.getLogger("nncf").addHandler(report)
     try:
         model = nncf.quantize_with_accuracy_control(
-            ov.Core().read_model(str(src)), data, data, validate, max_drop=1 - CALIB_DICE,
+            ov_core().read_model(str(src)), data, data, validate, max_drop=1 - CALIB_DICE,
             drop_type=nncf.DropType.ABSOLUTE, subset_size=len(items))  # fmt: skip
     finally:
         logging.getLogger("nncf").removeHandler(report)
+    import openvino as ov
+
     ov.save_model(model, str(dst))
     return {"reverted": report.reverted}
 

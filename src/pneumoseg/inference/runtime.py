@@ -102,7 +102,7 @@ class OvSession:
     compiled model is)."""
 
     def __init__(self, path: Path, threads: int | None = None, precision: str = "fp32"):
-        import openvino as ov
+        from pneumoseg.inference.openvino_core import ov_core
 
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
                   "PERFORMANCE_HINT": "LATENCY"}  # fmt: skip
@@ -110,7 +110,7 @@ class OvSession:
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
-            core = ov.Core()
+            core = ov_core()  # one per process: see pneumoseg.inference.openvino_core
             self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         except Exception as e:  # OpenVINO raises RuntimeError/its own types for bad models
             raise ModelFileError(f"{path}: OpenVINO cannot load it ({type(e).__name__}); "
