@@ -480,6 +480,16 @@ def test_export_without_int8_then_update_adds_it(world, copy_world, monkeypatch)
     assert len(list(folder.glob("*int8*"))) == 2
 
 
+def test_update_exports_again_over_a_damaged_int8_record(world, copy_world):
+    folder = copy_world / "runs" / EXP / "export"
+    manifest = _manifest(copy_world)
+    manifest["int8"]["onnxruntime"] = ["passed"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    code, out = run_cli("export", "--config", DEMO, "--update", *_over_copy(world, copy_world))
+    assert code == 0 and "the int8 record of onnxruntime is damaged" in out, out
+    assert isinstance(_manifest(copy_world)["int8"]["onnxruntime"], dict)
+
+
 def test_threads_reach_the_runtime_and_health(world):
     from fastapi.testclient import TestClient
 

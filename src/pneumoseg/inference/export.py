@@ -158,7 +158,11 @@ def _up_to_date(folder: Path, asked: list[str]) -> None:
     one that has int8 models no longer asked for keeps them)."""
     manifest = check_export(folder)
     records = manifest.get("int8") if isinstance(manifest.get("int8"), dict) else {}
-    missing = [rt for rt in asked if (records.get(rt) or {}).get("why") == NOT_ASKED]
+    damaged = [rt for rt, r in records.items() if not isinstance(r, dict)]
+    if damaged:
+        raise ExportError(f"{folder / MANIFEST}: the int8 record of {', '.join(damaged)} is "
+                          "damaged")  # fmt: skip
+    missing = [rt for rt in asked if records.get(rt, {}).get("why") == NOT_ASKED]
     if missing:
         raise ExportError(f"{folder} has no int8 model for {', '.join(missing)} (exported "
                           "without it), which export.int8 asks for")  # fmt: skip

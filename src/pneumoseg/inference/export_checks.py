@@ -135,11 +135,12 @@ def quantize_int8_openvino(src: Path, dst: Path, calib: np.ndarray, threshold: f
 
     import pneumoseg
 
-    with tempfile.TemporaryDirectory(prefix=".nncf-", dir=dst.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="pneumoseg-nncf-") as tmp:  # not in the export folder
         np.save(Path(tmp) / "calib.npy", np.ascontiguousarray(calib, dtype=np.float32))
         result = Path(tmp) / "result.json"
-        path = os.pathsep.join([str(Path(pneumoseg.__file__).parents[1]),
-                                os.environ.get("PYTHONPATH", "")])  # fmt: skip
+        # pneumoseg importable as here; no empty entry (it would put the working folder first)
+        path = os.pathsep.join(p for p in [str(Path(pneumoseg.__file__).parents[1]),
+                                           os.environ.get("PYTHONPATH", "")] if p)  # fmt: skip
         # NNCF_CI: NNCF's switch for its usage telemetry (events to Google Analytics): offline
         env = {**os.environ, "NNCF_CI": "1", "PYTHONPATH": path}
         argv = [sys.executable, "-m", "pneumoseg.inference.nncf_quantize", str(src), str(dst),
