@@ -226,11 +226,7 @@ def test_openvino_run_failure_is_a_clean_error():
 
 SIGNAL_AFTER_OPENVINO = r"""
 import faulthandler, gc, os, signal, sys
-import ctypes
-import signal
-import sys
-import threading
-
+from pathlib import Path
 import numpy as np
 faulthandler.enable()
 onnx, out, mode = sys.argv[1:]
@@ -240,8 +236,7 @@ if mode == "pipeline":  # what an export does: sessions made and dropped, NNCF, 
     a, b = OvSession(onnx), OvSession(onnx, precision="fp32", threads=1)
     x = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
     a.run(x[:1]), b.run(x[:1])
-    export_checks.quantize_int8_openvino(__import__("pathlib").Path(onnx),
-                                         __import__("pathlib").Path(out), x, 0.5)
+    export_checks.quantize_int8_openvino(Path(onnx), Path(out), x, 0.5)
     cpu._openvino_flags()
 else:  # two plain OpenVINO Cores, dropped in the order they were made
     import openvino as ov
