@@ -3,7 +3,7 @@ issue 18.
 
     python benchmarks/bench_runtime.py [--folds 1 5] [--n-images 4] [--threads 2]
                                        [--images ../shared/data/siim-real/stage2_test] [--no-demo]
-                                       [--r34-int8 onnxruntime openvino]
+                                       [--r34-int8 onnxruntime openvino] [--rounds 5]
 
 Setups:
 
@@ -24,10 +24,14 @@ speed is that of the model NNCF made for those weights. ``--r34-int8 onnxruntime
 setups' ``export.int8``) leaves NNCF out there: 8 minutes per untrained 512-px model here.
 
 Every setup runs the export's own runtime check (``pneumoseg.inference.export_checks``): the fold
-ensemble with hflip TTA (each image and its mirror), ``--threads`` threads, median of 3 timed runs
-after a warm-up, through torch fp32 NCHW (the reference), torch fp32 channels_last, torch bf16
-autocast channels_last (today's default where the CPU has native bf16: ``predict.amp=auto``),
-ONNX Runtime fp32 / int8 and OpenVINO fp32 / bf16 / int8. Printed per row: s/image, speed-up
+ensemble with hflip TTA (each image and its mirror), ``--threads`` threads, through torch fp32
+NCHW (the reference), torch fp32 channels_last, torch bf16 autocast channels_last (today's default
+where the CPU has native bf16: ``predict.amp=auto``), ONNX Runtime fp32 / int8 and OpenVINO fp32 /
+bf16 / int8 (its floating-point remainder in bf16 on such CPUs). The export times one row after
+another; the table's timings are taken again here, interleaved: ``--rounds`` rounds after a
+warm-up, each running every row once in turn, a row's s/image the median over rounds and its
+speed-ups the medians of the ratios within a round (this shared machine has slow spells of
+seconds that a row timed alone may or may not meet). Printed per row: s/image, speed-up
 against today's default and against torch fp32 channels_last, max |Δp| against torch fp32, the
 share of pixels on the same side of the threshold (the tuned one for the demo, 0.5 otherwise),
 the Dice between the masks, and whether the row passed the export's check (fp32: max |Δp| <=
@@ -43,6 +47,8 @@ import os
 import shutil
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,10 +57,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from pneumoseg.config import load_config  # noqa: E402
 from pneumoseg.inference import cpu  # noqa: E402
-from pneumoseg.inference.export import export_experiments  # noqa: E402
+from pneumoseg.inference.export import cached_images, export_experiments  # noqa: E402
+from pneumoseg.inference.export_checks import N_AGREE  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_serve import real_images, untrained_experiment  # noqa: E402
@@ -72,8 +80,8 @@ def rows_table(setup: str, rows: list[dict]) -> list[dict]:
         if "s_per_image" not in r:
             print(f"{setup:9} {r['runtime']:11} {r['precision']:9} {'':13} {'-':>8}  {r['why']}")
             continue
-        x_def = default["s_per_image"] / r["s_per_image"]
-        x_cl = fp32_cl["s_per_image"] / r["s_per_image"]
+        x_def = float(np.median(np.divide(default["rounds"], r["rounds"])))
+        x_cl = float(np.median(np.divide(fp32_cl["rounds"], r["rounds"])))
         tag = " (today's default)" if r is default else ""
         print(f"{setup:9} {r['runtime']:11} {r['precision']:9} {r.get('layout', ''):13} "
               f"{r['s_per_image']:>8.4f} {x_def:>8.2f}x {x_cl:>8.2f}x {r['max_abs_dp']:>8.1e} "
@@ -83,17 +91,17 @@ def rows_table(setup: str, rows: list[dict]) -> list[dict]:
     return out
 
 
-def r34_setup(tmp: Path, folds: int, images: np.ndarray, threads: int,
-              int8: list[str]) -> tuple[list, str]:  # fmt: skip
+def r34_setup(tmp: Path, folds: int, images: np.ndarray, threads: int, int8: list[str],
+              rounds: int) -> tuple[list, str]:  # fmt: skip
     argv = untrained_experiment(tmp / f"r34x{folds}", folds)
     over = [*argv[2:], f"predict.threads={threads}", "predict.amp=auto",
             f"export.int8=[{','.join(int8)}]"]  # fmt: skip
     cfg = load_config(REPO / "configs" / "r34_unet_512.yaml", over)
     (result,) = export_experiments(cfg, force=True, images=images)
-    return measured(f"r34 x{folds}", result.manifest)
+    return measured(f"r34 x{folds}", cfg, result, images[:N_AGREE], rounds)
 
 
-def demo_setup(tmp: Path, threads: int) -> tuple[list, str] | None:
+def demo_setup(tmp: Path, threads: int, rounds: int) -> tuple[list, str] | None:
     src = REPO / "runs" / "demo"
     if not list(src.glob("fold*/model.pt")):
         print("demo: no runs/demo models (run `make demo` first): skipped")
@@ -103,15 +111,85 @@ def demo_setup(tmp: Path, threads: int) -> tuple[list, str] | None:
     over = [f"train.out_dir={runs}", f"predict.threads={threads}", "predict.amp=auto"]
     cfg = load_config(REPO / "configs" / "demo.yaml", over)
     (result,) = export_experiments(cfg, force=True)
-    return measured("demo", result.manifest)
+    return measured("demo", cfg, result, cached_images(cfg, N_AGREE), rounds)
 
 
-def measured(setup: str, manifest: dict) -> tuple[list[dict], str]:
-    """The rows the export measured, and what NNCF's accuracy control put back in fp32."""
+def measured(setup: str, cfg, result, images: np.ndarray, rounds: int) -> tuple[list[dict], str]:
+    """The export's rows timed again interleaved (:func:`interleaved`), and what NNCF's accuracy
+    control put back in fp32."""
+    manifest = result.manifest
     ov = manifest["int8"].get("openvino", {})
     reverted = ", ".join(r.get("reverted", "?") for r in ov.get("folds", [])) or ov.get("why")
     note = f"  {setup}: OpenVINO int8 operations back in fp32 per fold: {reverted}"
-    return manifest["runtimes"]["measured"], note
+    return interleaved(cfg, result, images, rounds), note
+
+
+def interleaved(cfg, result, images: np.ndarray, rounds: int) -> list[dict]:
+    """Every row the export measured that can run again (its model kept) timed again in
+    ``rounds`` rounds, each running every row once in turn: a row's s/image is its median over
+    the rounds, and its ratios (``x_default``, ``x_fp32_cl``) the medians of the ratios within
+    each round. The export's check times one row after another, so a slow spell of this shared
+    machine (it slowed every row 1.5x for a few seconds here) lands on some rows alone; within a
+    round it slows all rows alike. Agreement figures are the export's (the same models, inputs
+    and arithmetic)."""
+    tta = list(cfg["predict"].get("tta") or [])
+    runs = row_runners(cfg, result, images, tta)
+    times: dict[int, list[float]] = {i: [] for i in runs}
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in tqdm(range(rounds), desc=f"{result.exp}: interleaved rounds", leave=False):
+        for i, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[i].append((time.perf_counter() - t0) / len(images))
+    rows = []
+    for i, r in enumerate(result.manifest["runtimes"]["measured"]):
+        if i in times:
+            r = {**r, "s_per_image": float(np.median(times[i])), "rounds": times[i]}
+        else:
+            r = {k: v for k, v in r.items() if k != "s_per_image"} | {
+                "why": r.get("why") or "its model was not kept (failed its check)"
+            }
+        rows.append(r)
+    return rows
+
+
+def row_runners(cfg, result, images: np.ndarray, tta: list) -> dict[int, Callable[[], object]]:
+    """For each measured row that can run again, a call that predicts ``images`` that way."""
+    from pneumoseg.inference.ensemble import load_models, predict_probs
+    from pneumoseg.inference.runtime import ExportedMember, open_session, predict_probs_np
+    from pneumoseg.training.engine import inference_dtype
+
+    one = {**cfg, "predict": {**cfg["predict"], "experiments": [[result.exp, 1.0]]}}
+    nchw, cl = load_models(one, "cpu", channels_last=False), load_models(one, "cpu")
+    dev = torch.device("cpu")
+    dtype = inference_dtype(dev, cfg["predict"]["amp"])
+    man = result.manifest
+    files = {"fp32": [result.folder / f["file"] for f in man["folds"]]}
+    runs: dict[int, Callable[[], object]] = {}
+    for i, r in enumerate(man["runtimes"]["measured"]):
+        if r["runtime"] == "torch":
+            ms, dt = (
+                (nchw, None)
+                if r.get("layout") == "NCHW"
+                else (cl, dtype if r["precision"] != "fp32" else None)
+            )
+            runs[i] = functools.partial(predict_probs, ms, images, tta, dev, dt,
+                                        channels_last=ms is cl)  # fmt: skip
+            continue
+        paths = (
+            files["fp32"]
+            if r["precision"] != "int8"
+            else [result.folder / f["file"] for f in man["int8"][r["runtime"]].get("folds", [])]
+        )
+        if "s_per_image" not in r or not paths or not all(p.exists() for p in paths):
+            continue
+        members = [ExportedMember(open_session(p, r["runtime"], r["precision"],
+                                               cfg["predict"].get("threads")),
+                                  m.weight, man["input"]["channels"], p.name)
+                   for p, m in zip(paths, nchw, strict=True)]  # fmt: skip
+        runs[i] = functools.partial(predict_probs_np, members, images, tta)
+    return runs
 
 
 def summary(tables: dict[str, list[dict]], notes: list[str]) -> None:
@@ -150,9 +228,12 @@ def main() -> None:
     ap.add_argument("--images", type=Path,
                     default=REPO.parent / "shared" / "data" / "siim-real" / "stage2_test")  # fmt: skip
     ap.add_argument("--no-demo", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (>= 1)")
     ap.add_argument("--r34-int8", nargs="*", choices=["onnxruntime", "openvino"],
                     default=["onnxruntime", "openvino"], help="the r34 setups' export.int8")  # fmt: skip
     args = ap.parse_args()
+    if args.rounds < 1 or args.threads < 1 or args.n_images < 1:
+        ap.error("--rounds, --threads and --n-images must be at least 1")
     torch.set_num_threads(args.threads)
     import onnxruntime
     import openvino
@@ -164,9 +245,14 @@ def main() -> None:
     print(HEAD)
     tables, notes = {}, []
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
-        setups = [] if args.no_demo else [("demo", lambda: demo_setup(Path(tmp), args.threads))]
+        setups = (
+            []
+            if args.no_demo
+            else [("demo", lambda: demo_setup(Path(tmp), args.threads, args.rounds))]
+        )
         setups += [(f"r34 x{k}", functools.partial(r34_setup, Path(tmp), k, images, args.threads,
-                                                   args.r34_int8)) for k in args.folds]  # fmt: skip
+                                                   args.r34_int8, args.rounds))
+                   for k in args.folds]  # fmt: skip
         for setup, measure in setups:  # one at a time: each row of a table is timed alone
             result = measure()
             if result is not None:

@@ -131,6 +131,24 @@ def test_resize_back_np_matches_torch():
         assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
 
 
+@pytest.mark.parametrize(
+    "precision, native, hint",
+    [("fp32", True, "f32"), ("fp32", False, "f32"), ("bf16", True, "bf16"),
+     ("int8", True, "bf16"), ("int8", False, "f32")],
+)  # fmt: skip
+def test_openvino_precision_hint(exported, precision, native, hint, monkeypatch):
+    """fp32 is f32 even where OpenVINO's default is bf16; an int8 model's floating-point
+    remainder runs in bf16 only on CPUs with native bf16 (compiled, the property read back)."""
+    pytest.importorskip("openvino")
+    monkeypatch.setattr(cpu, "native_bf16", lambda: native)
+    assert rt.ov_precision_hint(precision) == hint
+    session = rt.OvSession(exported[0][0][1], threads=1, precision=precision)
+    got = str(session.compiled.get_property("INFERENCE_PRECISION_HINT"))
+    if hint == "bf16" and not cpu.cpu_facts()["bf16"]:
+        return  # OpenVINO itself falls back to f32 on a CPU without bf16
+    assert got.endswith("bfloat16'>" if hint == "bf16" else "float32'>"), got
+
+
 def test_sessions_refuse_a_damaged_file(tmp_path):
     from pneumoseg.errors import ModelFileError
 

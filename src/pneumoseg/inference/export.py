@@ -179,7 +179,7 @@ def _members_of(cfg: Mapping[str, Any], exp: str) -> list:
     return load_models(one, device="cpu", channels_last=False)
 
 
-def _cached_images(cfg: Mapping[str, Any], n: int) -> np.ndarray:
+def cached_images(cfg: Mapping[str, Any], n: int) -> np.ndarray:
     """Up to ``n`` of the experiment's cached training images, uint8 (N, S, S), positives first
     (a check on empty-looking maps alone would prove little)."""
     from pneumoseg.data.cache import cache_dir, open_cache
@@ -198,7 +198,7 @@ def _check_images(cfg: Mapping[str, Any], in_channels: int) -> torch.Tensor:
     """:data:`N_CHECK` cached training images (positives first), normalised as in training."""
     from pneumoseg.data.dataset import normalize
 
-    return normalize(_cached_images(cfg, N_CHECK), in_channels)
+    return normalize(cached_images(cfg, N_CHECK), in_channels)
 
 
 def _export_one(
@@ -214,7 +214,7 @@ def _export_one(
                           f"{NOT_EXPORTABLE[fam.name]}")  # fmt: skip
     in_ch = int(members[0].cfg.get("in_channels", 3))
     if images is None:
-        images = _cached_images(cfg, checks.N_AGREE + checks.N_CALIB)
+        images = cached_images(cfg, checks.N_AGREE + checks.N_CALIB)
     folder.mkdir(parents=True, exist_ok=True)
     stems = [m.path.parent.name for m in members]
     fp32 = [(folder / f".{k}.tmp.onnx", folder / f"{k}.onnx") for k in stems]

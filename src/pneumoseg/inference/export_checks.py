@@ -57,7 +57,8 @@ INT8_METHODS = {
     "onnxruntime": "onnxruntime static quantization, QDQ, per-channel int8 weights, uint8 "
     "activations, MinMax",
     "openvino": f"NNCF post-training quantization with accuracy control (OpenVINO IR): "
-    f"operations back in fp32 until the calibration masks agree with fp32 at Dice >= {CALIB_DICE}",
+    f"operations back in fp32 until the calibration masks agree with fp32 at Dice >= {CALIB_DICE}; "
+    "run with its floating-point operations in bf16 on CPUs with native bf16",
 }
 
 
