@@ -45,7 +45,7 @@ log = logging.getLogger("pneumoseg.predict")
 # fastest exported runtime that passed its checks against torch as predict.py ran it before
 # exports existed. Quoted in the one log line that suggests exporting, never used to choose.
 BENCH_SPEEDUP = (
-    "1.7x (ResNet34 U-Net at 512, ONNX Runtime int8) to 1.9x (the trained demo, OpenVINO int8) "
+    "2.2x (the trained demo) to 2.5x (a trained ResNet34 U-Net at 512), OpenVINO int8, "
     "against torch bf16 autocast, 2-core AMD EPYC"
 )
 BF16_REFUSED = (
