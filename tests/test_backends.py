@@ -490,6 +490,34 @@ def test_update_exports_again_over_a_damaged_int8_record(world, copy_world):
     assert isinstance(_manifest(copy_world)["int8"]["onnxruntime"], dict)
 
 
+def test_an_openvino_row_checked_at_another_hint_is_not_chosen_and_exported_again(
+    world, copy_world, monkeypatch
+):
+    """An export made before OpenVINO int8 ran its remainder in bf16 (no ov_hint: checked at
+    f32): auto does not pick that row on a native-bf16 CPU, and --update exports again."""
+    from pneumoseg.inference import backends
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: True)
+    folder = copy_world / "runs" / EXP / "export"
+    manifest = _manifest(copy_world)
+    rows = [r for r in manifest["runtimes"]["measured"]
+            if (r["runtime"], r["precision"]) != ("openvino", "int8")]  # fmt: skip
+    for row in rows:
+        row.pop("ov_hint", None)
+    rows.append({"runtime": "openvino", "precision": "int8", "passed": True,
+                 "s_per_image": 1e-9, "dice": 1.0})  # would be the fastest by far  # fmt: skip
+    manifest["runtimes"]["measured"] = rows
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    chosen = backends._rows({EXP: (folder, manifest)})
+    assert ("openvino", "int8") not in chosen and ("onnxruntime", "fp32") in chosen
+    code, out = run_cli("export", "--config", DEMO, "--update", *_over_copy(world, copy_world))
+    assert code == 0 and "OpenVINO int8 was checked at another precision" in out, out
+    again = [r for r in _manifest(copy_world)["runtimes"]["measured"] if r["runtime"] == "openvino"]
+    assert again and all("ov_hint" in r for r in again)
+    code, out = run_cli("export", "--config", DEMO, "--update", *_over_copy(world, copy_world))
+    assert code == 0 and "is up to date" in out, out
+
+
 def test_threads_reach_the_runtime_and_health(world):
     from fastapi.testclient import TestClient
 

@@ -149,6 +149,22 @@ def test_openvino_precision_hint(exported, precision, native, hint, monkeypatch)
     assert got.endswith("bfloat16'>" if hint == "bf16" else "float32'>"), got
 
 
+@pytest.mark.parametrize(
+    "row, native, ok",
+    [({"runtime": "openvino", "precision": "int8"}, True, False),  # checked at f32, runs at bf16
+     ({"runtime": "openvino", "precision": "int8"}, False, True),
+     ({"runtime": "openvino", "precision": "int8", "ov_hint": "bf16"}, True, True),
+     ({"runtime": "openvino", "precision": "int8", "ov_hint": "bf16"}, False, False),
+     ({"runtime": "openvino", "precision": "bf16"}, True, True),
+     ({"runtime": "openvino", "precision": "fp32", "ov_hint": "bf16"}, True, False),
+     ({"runtime": "onnxruntime", "precision": "int8"}, True, True),
+     ({"runtime": "torch", "precision": "bf16"}, False, True)],
+)  # fmt: skip
+def test_checked_as_run(row, native, ok, monkeypatch):
+    monkeypatch.setattr(cpu, "native_bf16", lambda: native)
+    assert rt.checked_as_run(row) == ok
+
+
 def test_sessions_refuse_a_damaged_file(tmp_path):
     from pneumoseg.errors import ModelFileError
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from pneumoseg.errors import DataError, OutputExistsError
+from pneumoseg.inference import cpu
 from pneumoseg.inference import export_checks as checks
 from pneumoseg.inference.exported import (  # noqa: F401 - the reading side, re-exported
     EXPORT_DIR,
@@ -49,6 +50,7 @@ from pneumoseg.inference.exported import (  # noqa: F401 - the reading side, re-
     check_export,
     check_int8,
 )
+from pneumoseg.inference.runtime import checked_as_run
 from pneumoseg.tuning.provenance import file_digest  # the model.pt digest tunings record too
 
 log = logging.getLogger("pneumoseg.export")
@@ -166,6 +168,14 @@ def _up_to_date(folder: Path, asked: list[str]) -> None:
     if missing:
         raise ExportError(f"{folder} has no int8 model for {', '.join(missing)} (exported "
                           "without it), which export.int8 asks for")  # fmt: skip
+    runtimes = manifest.get("runtimes") if isinstance(manifest.get("runtimes"), dict) else {}
+    if runtimes.get("cpu_key") == cpu.cpu_key():
+        rows = runtimes.get("measured") if isinstance(runtimes.get("measured"), list) else []
+        other = sorted({str(r.get("precision")) for r in rows
+                        if isinstance(r, dict) and not checked_as_run(r)})  # fmt: skip
+        if other:
+            raise ExportError(f"{folder}: OpenVINO {', '.join(other)} was checked at another "
+                              "precision than this version runs it at")  # fmt: skip
 
 
 def _members_of(cfg: Mapping[str, Any], exp: str) -> list:

@@ -41,6 +41,7 @@ from pneumoseg.inference.runtime import (
     OvSession,
     agreement,
     open_session,
+    ov_precision_hint,
     predict_probs_np,
 )
 
@@ -255,6 +256,8 @@ def check_runtimes(
         seconds, probs = time_it(lambda ms=members: predict_probs_np(ms, images, tta)[0])
         row = {"runtime": runtime, "precision": precision,
                "s_per_image": seconds / len(images), **agreement(ref, probs, threshold)}  # fmt: skip
+        if runtime == "openvino":
+            row["ov_hint"] = ov_precision_hint(precision)
         row["passed"] = _passes(row, precision, PARITY_TOL)
         rows.append(row)
         log.info("%s %s: %.4f s/image, max |Δp| %.2g, mask Dice %.4f%s", runtime, precision,

@@ -146,6 +146,17 @@ def ov_precision_hint(precision: str) -> str:
     return "f32"
 
 
+def checked_as_run(row) -> bool:
+    """Whether a manifest's row was measured and checked as it would run today: an OpenVINO row
+    records its precision hint (``ov_hint``; exports made before it was recorded ran int8 and
+    fp32 at f32), which must be the one :func:`ov_precision_hint` gives now."""
+    if row.get("runtime") != "openvino":
+        return True
+    precision = str(row.get("precision"))
+    hint = row.get("ov_hint") or ("bf16" if precision == "bf16" else "f32")
+    return hint == ov_precision_hint(precision)
+
+
 def open_session(path: Path, runtime: str, precision: str, threads: int | None = None):
     if runtime == "onnxruntime":
         return OrtSession(path, threads)
