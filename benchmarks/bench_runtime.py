@@ -291,29 +291,16 @@ def main() -> None:
     print(HEAD)
     tables, notes = {}, []
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
-        setups = (
-            []
-            if args.no_demo
-            else [("demo", lambda: demo_setup(Path(tmp), args.threads, args.rounds))]
-        )
+        demo = functools.partial(demo_setup, Path(tmp), args.threads, args.rounds)
+        setups = [] if args.no_demo else [("demo", demo)]
         setups += [(f"r34 x{k}", functools.partial(r34_setup, Path(tmp), k, images, args.threads,
                                                    args.r34_int8, args.rounds))
                    for k in args.folds]  # fmt: skip
         if args.trained_r34:
-            setups.append(
-                (
-                    "r34 trained",
-                    functools.partial(
-                        trained_r34_setup,
-                        Path(tmp),
-                        images,
-                        args.threads,
-                        args.rounds,
-                        args.trained_r34,
-                    ),
-                )
-            )
-        for setup, measure in setups:  # one at a time: each row of a table is timed alone
+            trained = functools.partial(trained_r34_setup, Path(tmp), images, args.threads,
+                                        args.rounds, args.trained_r34)  # fmt: skip
+            setups.append(("r34 trained", trained))
+        for setup, measure in setups:  # one setup at a time; its rows interleaved
             result = measure()
             if result is not None:
                 tables[setup] = rows_table(setup, result[0])
